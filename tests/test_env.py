@@ -1,0 +1,51 @@
+"""The env wrapper's protocol observations, on the real simulator."""
+
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation
+
+from examples.libero.env import LiberoEnv, load_task, quat_to_axis_angle, resize_with_pad
+
+
+def test_axis_angle_matches_scipy():
+    for quat in Rotation.random(20, random_state=0).as_quat():  # xyzw
+        quat = quat if quat[3] >= 0 else -quat  # axis-angle with angle in [0, pi]
+        np.testing.assert_allclose(quat_to_axis_angle(quat), Rotation.from_quat(quat).as_rotvec(), atol=1e-6)
+    assert not quat_to_axis_angle(np.array([0.0, 0.0, 0.0, 1.0])).any()
+
+
+def test_resize_with_pad_keeps_aspect_and_centres():
+    image = np.full((100, 200, 3), 255, np.uint8)
+    out = resize_with_pad(image, 224)
+    assert out.shape == (224, 224, 3)
+    assert not out[:55].any() and not out[-55:].any() and out[112].all()
+
+
+@pytest.fixture(scope="module")
+def spatial_task():
+    return load_task("libero_spatial", 0)
+
+
+def test_rgb_observation_is_rotated_resized_and_state_is_eight_values(spatial_task):
+    task, inits = spatial_task
+    with LiberoEnv(task, "rgb", seed=7, camera_size=128, image_size=96) as env:
+        obs = env.reset(inits[0])
+        raw = env._raw
+        assert obs["state"].shape == (8,) and obs["state"].dtype == np.float32
+        np.testing.assert_allclose(obs["state"][:3], raw["robot0_eef_pos"], rtol=1e-6)
+        np.testing.assert_allclose(obs["state"][6:], raw["robot0_gripper_qpos"], rtol=1e-6)
+        agent = obs["images"]["agentview"]
+        assert agent.shape == (96, 96, 3) and agent.dtype == np.uint8
+        np.testing.assert_array_equal(agent, resize_with_pad(raw["agentview_image"][::-1, ::-1], 96))
+        assert "object_poses" not in obs
+
+
+def test_state_observation_has_object_poses_and_no_cameras(spatial_task):
+    task, inits = spatial_task
+    with LiberoEnv(task, "state", seed=7) as env:
+        obs = env.reset(inits[0])
+        assert "images" not in obs and "agentview_image" not in env._raw
+        assert obs["object_names"] == env.objects_of_interest == ["akita_black_bowl_1", "plate_1"]
+        np.testing.assert_allclose(obs["object_poses"][0, :3], env._raw["akita_black_bowl_1_pos"], rtol=1e-6)
+        obs2, success = env.step([0, 0, 0, 0, 0, 0, -1])
+        assert not success and obs2["object_poses"].shape == (2, 7)
