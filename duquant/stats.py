@@ -36,6 +36,9 @@ class ActivationStats:
         # inference_mode, or a later update outside it would be refused.
         with torch.inference_mode(False), torch.no_grad():
             rows = x.detach().reshape(-1, x.shape[-1])
+            self.calls += 1
+            if rows.shape[0] == 0:
+                return
             batch_max = rows.abs().amax(0).float()
             self.channel_max = batch_max if self.channel_max is None else torch.maximum(self.channel_max, batch_max)
             if self._rows is None:
@@ -44,7 +47,6 @@ class ActivationStats:
             if len(slots):
                 self._rows[slots.to(rows.device)] = rows[picked.to(rows.device)]
             self.rows_seen += rows.shape[0]
-            self.calls += 1
 
     def _reservoir_slots(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Algorithm R for a batch of n rows: (slot to write, row index), last writer wins per slot."""

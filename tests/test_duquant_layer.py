@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from duquant import DuQuantLinear, LayerSelection, QuantConfig, quantize_
-from test_duquant_steps import one_torch_thread  # noqa: F401  (autouse fixture)
 
 
 def _outlier_inputs(n: int, width: int, seed: int, channels=(3, 17, 90)) -> torch.Tensor:

@@ -11,7 +11,6 @@ from safetensors.torch import save_file
 from torch import nn
 
 from duquant import CorruptPackError, LayerSelection, PackStore, QuantConfig, quantize_
-from test_duquant_steps import one_torch_thread  # noqa: F401  (autouse fixture)
 
 CFG = QuantConfig(w_bits=4, a_bits=8, block_size=32, rotation_steps=8)
 

@@ -14,19 +14,6 @@ from duquant.rotation import block_rotate, greedy_rotation, hadamard, random_ort
 from duquant.transform import fit_transform, smoothing_scales
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Run each test on one intra-op thread (the other duquant test modules import this fixture).
-
-    These tests run many small ops; on a shared 2-core machine a second
-    thread mostly waits for a busy core, which made the suite ~8x slower.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _orthogonality_error(r: torch.Tensor) -> float:
     eye = torch.eye(r.shape[-1], dtype=torch.float64)
     return (r.double() @ r.double().transpose(-1, -2) - eye).abs().max().item()
