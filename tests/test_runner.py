@@ -1,0 +1,159 @@
+"""The runner end to end on the real simulator: results, errors, interrupt + resume, no warm-up."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from examples.libero.config import register_configs
+from examples.libero.evaluate import Evaluation
+from examples.libero.results import TOP_LEVEL_KEYS
+from policies.base import ObservationBatch, ObsMode, Policy
+from policies.scripted_expert import ScriptedExpert
+
+ROOT = Path(__file__).resolve().parents[1]
+MAIN = ROOT / "examples" / "libero" / "main.py"
+EPISODE_KEYS = {"suite", "task_id", "task", "episode", "init_state", "seed", "success", "steps", "wall_s",
+                "policy_calls", "latency_ms", "error", "video"}  # fmt: skip
+
+
+def make_run(overrides: list[str]):
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        dcfg = compose("config", overrides=overrides)
+    return OmegaConf.to_object(dcfg), OmegaConf.to_container(dcfg, resolve=True)
+
+
+def cli(*overrides: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(MAIN), *overrides], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+class Recording(Policy):
+    """Passes through to a real policy and remembers every batch it was asked about."""
+
+    def __init__(self, inner: Policy):
+        self.inner, self.batches = inner, []
+        self.name, self.obs_mode, self.chunk_size = inner.name, inner.obs_mode, inner.chunk_size
+
+    def predict(self, batch: ObservationBatch) -> np.ndarray:
+        self.batches.append(batch)
+        return self.inner.predict(batch)
+
+    def reset(self) -> None:
+        self.inner.reset()
+
+
+class NaNPolicy(Policy):
+    name, obs_mode, chunk_size = "nan", ObsMode.STATE, 5
+
+    def predict(self, batch: ObservationBatch) -> np.ndarray:
+        return np.full((len(batch), self.chunk_size, 7), np.nan)
+
+
+def test_expert_solves_a_spatial_task_with_a_complete_results_file(tmp_path):
+    cfg, resolved = make_run(["policy=scripted_expert", "tasks=[0]", "trials_per_task=2", f"results_dir={tmp_path}"])
+    policy = Recording(ScriptedExpert())
+    evaluation = Evaluation(cfg, resolved, policy=policy)
+    path = evaluation.run()
+    doc = json.loads(path.read_text())
+
+    assert path.parent == tmp_path / "libero_spatial" and path.name.endswith("_scripted_expert_fp.json")
+    assert set(TOP_LEVEL_KEYS) <= set(doc) and doc["status"] == "complete"
+    assert all(EPISODE_KEYS <= set(ep) for ep in doc["episodes"])
+    assert doc["overall"]["successes"] == sum(ep["success"] for ep in doc["episodes"]) >= 1
+    assert doc["tasks"][0]["episodes"] == doc["overall"]["episodes"] == 2
+    assert doc["protocol"]["max_steps"] == 220 and doc["protocol"]["num_steps_wait"] == 10
+    assert doc["versions"]["mujoco"] and doc["config"]["suite"]["name"] == "libero_spatial"
+    # No warm-up: the policy's first call is the first real observation, and every call is accounted for.
+    first = policy.batches[0]
+    assert first.episode_ids == ["libero_spatial/task0/ep0"] and first.steps == [0]
+    assert len(policy.batches) == sum(ep["policy_calls"] for ep in doc["episodes"])
+
+
+def test_an_episode_error_is_recorded_and_the_run_goes_on(tmp_path):
+    cfg, resolved = make_run(["tasks=[0]", "trials_per_task=2", "suite.max_steps=10", f"results_dir={tmp_path}"])
+    path = Evaluation(cfg, resolved, policy=NaNPolicy()).run()
+    doc = json.loads(path.read_text())
+    assert doc["status"] == "complete" and doc["overall"] == {**doc["overall"], "episodes": 2, "successes": 0}
+    assert all("non-finite action" in ep["error"] for ep in doc["episodes"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("suite=libero_nowhere", "libero_nowhere"),
+        ("tasks=[10]", "out of range"),
+        ("trials_per_task=51", "trials_per_task"),
+        ("trials_per_task=0", "trials_per_task"),
+        ("suite.max_steps=-5", "max_steps"),
+        ("protocol.replan_steps=0", "replan_steps"),
+        ("policy.name=nope", "not registered"),
+        ("quant.w_bits=9", "w_bits"),
+    ],
+)
+def test_bad_config_fails_early_and_writes_nothing(tmp_path, override, message):
+    proc = cli("policy=scripted_expert", override, f"results_dir={tmp_path}", timeout=60)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_interrupt_leaves_valid_results_and_resume_finishes_without_duplicates(tmp_path):
+    args = [sys.executable, str(MAIN), "policy=scripted_expert", "tasks=[0]", "trials_per_task=3", "suite.max_steps=40",
+            f"results_dir={tmp_path}", "progress=false"]  # fmt: skip
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    jsonl = []
+    while time.time() < deadline and not (jsonl and jsonl[0].read_text().strip()):
+        time.sleep(0.5)
+        jsonl = list((tmp_path / "libero_spatial").glob("*.jsonl")) if (tmp_path / "libero_spatial").exists() else []
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    path = jsonl[0].with_suffix(".json")
+    doc = json.loads(path.read_text())
+    assert doc["status"] == "interrupted" and 1 <= doc["overall"]["episodes"] < 3
+
+    resumed = cli(f"resume={path}", *args[2:])
+    assert resumed.returncode == 0, resumed.stderr
+    doc = json.loads(path.read_text())
+    assert doc["status"] == "complete"
+    assert sorted(ep["episode"] for ep in doc["episodes"]) == [0, 1, 2]
+    assert len(path.with_suffix(".jsonl").read_text().splitlines()) == 3
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    cfg, resolved = make_run(["tasks=[0]", "trials_per_task=1", "suite.max_steps=5", f"results_dir={tmp_path}"])
+    path = Evaluation(cfg, resolved, policy=NaNPolicy()).run()
+    proc = cli(f"resume={path}", "tasks=[0]", "trials_per_task=2", "suite.max_steps=5", f"results_dir={tmp_path}")
+    assert proc.returncode == 2 and "trials_per_task" in proc.stderr
+
+
+def test_video_is_written_per_episode(tmp_path):
+    cfg, resolved = make_run(["tasks=[0]", "trials_per_task=1", "suite.max_steps=5", "video=true",
+                              "protocol.camera_size=64", f"results_dir={tmp_path}"])  # fmt: skip
+    doc = json.loads(Evaluation(cfg, resolved, policy=NaNPolicy()).run().read_text())
+    video = Path(doc["episodes"][0]["video"])
+    assert video.name == "libero_spatial_task00_ep00_failure.mp4" and video.stat().st_size > 0
+
+
+def test_rendering_failure_is_one_line(tmp_path):
+    env = {**os.environ, "MUJOCO_GL": "egl", "EGL_PLATFORM": "nonexistent", "__EGL_VENDOR_LIBRARY_FILENAMES": "/nonexistent"}
+    proc = subprocess.run(
+        [sys.executable, str(MAIN), "tasks=[0]", "trials_per_task=1", "video=true", f"results_dir={tmp_path}"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "offscreen rendering failed" in proc.stderr and "Traceback" not in proc.stderr
+    assert not any(tmp_path.iterdir())
