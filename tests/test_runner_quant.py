@@ -1,0 +1,70 @@
+"""Quantized runs: calibration on the first real policy calls, recorded, and optionally rescored."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from examples.libero.evaluate import Evaluation
+from policies.base import ObservationBatch, ObsMode, Policy
+from test_runner import make_run
+
+
+class TinyMLPPolicy(Policy):
+    """A small real torch policy (random weights) whose linears duquant can select."""
+
+    name, obs_mode, chunk_size = "tiny_mlp", ObsMode.STATE, 5
+
+    def __init__(self):
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(8 + 14, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 35))
+        self.calls = 0
+
+    @property
+    def module(self) -> nn.Module:
+        return self.net
+
+    def scope_presets(self) -> dict:
+        return {"default": {"include": [r"^[01234]$"], "exclude": [r"^4$"]}}  # the output head stays FP
+
+    @torch.no_grad()
+    def predict(self, batch: ObservationBatch) -> np.ndarray:
+        self.calls += 1
+        x = torch.as_tensor(np.concatenate([batch.state, batch.object_poses.reshape(len(batch), -1)], 1))
+        return torch.tanh(self.net(x)).reshape(len(batch), 5, 7).numpy() * 0.1
+
+
+@pytest.mark.parametrize("rescore", [False, True])
+def test_calibration_uses_the_first_real_calls_and_is_recorded(tmp_path, rescore):
+    cfg, resolved = make_run(["quant=w4a8", "quant.calib_steps=4", "quant.block_size=32", "tasks=[0]",
+                              "trials_per_task=2", "suite.max_steps=15", f"calibration.rescore={rescore}",
+                              f"results_dir={tmp_path}"])  # fmt: skip
+    policy = TinyMLPPolicy()
+    path = Evaluation(cfg, resolved, policy=policy).run()
+    doc = json.loads(path.read_text())
+    calibration = doc["quant"]["calibration"]
+
+    assert path.name.endswith("_tiny_mlp_duquant_w4a8.json")
+    assert calibration["complete"] and calibration["episodes"] == ["libero_spatial/task0/ep0", "libero_spatial/task0/ep1"]
+    assert [c["step"] for c in calibration["calls"]] == [0, 5, 10, 0]  # 3 calls per episode, first real ones
+    assert doc["quant"]["layers_quantized"] == 2 and doc["quant"]["bits"] == "W4A8"
+    assert type(policy.net[2]).__name__ == "DuQuantLinear" and isinstance(policy.net[4], nn.Linear)
+    episodes = {e["episode"]: e for e in doc["episodes"]}
+    if rescore:
+        assert all(e.get("rescored") and e["calibration_calls"] == 0 for e in episodes.values())
+        assert policy.calls == 4 + 3 + 3 + 2  # calibration, then both episodes again fully quantized
+        assert len(path.with_suffix(".jsonl").read_text().splitlines()) == 4
+    else:
+        assert episodes[0]["calibration_calls"] == 3 and episodes[1]["calibration_calls"] == 1
+        assert policy.calls == 6
+
+
+def test_a_scope_matching_nothing_is_an_error(tmp_path):
+    cfg, resolved = make_run(["quant=w4a8", "quant.exclude=[.]", f"results_dir={tmp_path}"])
+    with pytest.raises(ValueError, match="no layers matched"):
+        Evaluation(cfg, resolved, policy=TinyMLPPolicy())
+    assert not any(tmp_path.iterdir())
