@@ -1,14 +1,15 @@
 """A scripted pick-and-place expert that reads privileged object poses.
 
 It picks the task's first object of interest and places it on (or drops it
-into) the last one, which covers the pick-and-place tasks of libero_spatial,
-libero_object and several of libero_goal. It sees only the state observation:
+into) the last one: the tasks of libero_spatial and libero_object, and other
+suites' tasks whose goal is one such placement. It sees only the state observation:
 the eef pose, the gripper, and the world poses of the objects of interest. The
 objects' shapes come from a small table of bounding boxes measured once from
 the LIBERO assets, keyed by object category (the name without its ``_N``).
 
 Each episode runs through phases (approach, descend, close, lift, carry,
-lower, release, retreat). Phase changes are decided on real observations only;
+lower, release, retreat); a failed grasp or a drop starts over from a retreat,
+gripping a vessel's rim elsewhere. Phase changes are decided on real observations only;
 inside a chunk the expert tracks the phase's goal on a kinematic model of the
 OSC controller, so a chunk executed open-loop still lands near the goal.
 """
@@ -68,10 +69,10 @@ class Phase(enum.IntEnum):
     DESCEND = 1
     CLOSE = 2
     LIFT = 3
-    CARRY = 4  # above the target at carry height
+    CARRY = 4  # over to just above the target
     LOWER = 5
     RELEASE = 6
-    RETREAT = 7
+    RETREAT = 7  # up, then start over: after a failed grasp, a drop, or a release that did not succeed
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,7 @@ class ScriptedExpert(Policy):
         lag: float = 0.5,
         hover: float = 0.08,
         lift: float = 0.10,
-        clearance: float = 0.02,
+        clearance: float = 0.0,
         close_steps: int = 10,
         release_steps: int = 5,
         tolerance: float = 0.006,
@@ -190,7 +191,8 @@ class ScriptedExpert(Policy):
         self.lag = lag  # fraction of the gap to the commanded velocity the arm closes per step
         self.hover = hover  # approach this far above the grasp point, then descend straight down
         self.lift = lift  # lift the object this far before carrying it
-        self.clearance = clearance  # release with the object's bottom this far above the target's top
+        # Lower the object's bottom to this far above the target's top, or until it touches, then let go.
+        self.clearance = clearance
         self.close_steps = close_steps
         self.release_steps = release_steps
         self.tolerance = tolerance
@@ -250,7 +252,10 @@ class ScriptedExpert(Policy):
             return _Goal(np.array([*eef[:2], ep.lift_z]), yaw, CLOSE)
         if ep.phase in (Phase.CARRY, Phase.LOWER):
             xy = target.center[:2] + (eef[:2] - obj.center[:2])
-            z = ep.carry_z if ep.phase is Phase.CARRY else target.top + self.clearance + eef[2] - obj.bottom
+            if ep.phase is Phase.LOWER:
+                z = target.top + self.clearance + eef[2] - obj.bottom
+            else:  # at lift height until within ``lift`` of the target, so the object leaves a drawer first
+                z = ep.lift_z if np.linalg.norm(xy - eef[:2]) > self.lift else ep.carry_z
             return _Goal(np.array([*xy, z]), yaw, CLOSE)
         if ep.phase is Phase.RELEASE:
             return _Goal(eef.copy(), yaw, OPEN)

@@ -49,3 +49,13 @@ def test_state_observation_has_object_poses_and_no_cameras(spatial_task):
         np.testing.assert_allclose(obs["object_poses"][0, :3], env._raw["akita_black_bowl_1_pos"], rtol=1e-6)
         obs2, success = env.step([0, 0, 0, 0, 0, 0, -1])
         assert not success and obs2["object_poses"].shape == (2, 7)
+
+
+@pytest.mark.parametrize("suite, task_id", [("libero_goal", 0), ("libero_10", 5)])
+def test_fixture_poses_come_from_sites_and_bodies(suite, task_id):
+    task, inits = load_task(suite, task_id)
+    with LiberoEnv(task, "state", seed=7) as env:
+        obs = env.reset(inits[0])
+        poses = obs["object_poses"]
+        assert poses.shape == (len(env.objects_of_interest), 7) and np.isfinite(poses).all()
+        np.testing.assert_allclose(np.linalg.norm(poses[:, 3:], axis=1), 1.0, atol=1e-5)

@@ -154,12 +154,14 @@ class LiberoEnv:
         return obs
 
     def _pose(self, name: str) -> np.ndarray:
-        """World pose (xyz + quaternion xyzw) of an object or a fixture's site region."""
+        """World pose (xyz + quaternion xyzw) of an object, a fixture body or a fixture's site region."""
         if f"{name}_pos" in self._raw:
             return np.concatenate([self._raw[f"{name}_pos"], self._raw[f"{name}_quat"]])
         import robosuite.utils.transform_utils as T
 
-        data = self._env.sim.data
+        data, bodies = self._env.sim.data, self._env.env.obj_body_id
+        if name in bodies:
+            return np.concatenate([data.body_xpos[bodies[name]], T.convert_quat(data.body_xquat[bodies[name]], to="xyzw")])
         return np.concatenate([data.get_site_xpos(name), T.mat2quat(data.get_site_xmat(name))])
 
     @property
