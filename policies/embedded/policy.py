@@ -1,0 +1,106 @@
+"""The harness's own state-based VLA-shaped policy, runnable offline on a CPU."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from policies.base import ACTION_DIM, ObservationBatch, ObsMode, Policy
+from policies.embedded.model import EmbeddedVLA, load_weights
+from policies.embedded.text import InstructionEncoder
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+DEFAULT_WEIGHTS = WEIGHTS_DIR / "model.safetensors"
+
+_LAYER = r"(^|\.){stack}\.layers\.\d+\."  # also matches when the model sits under a prefix
+_BACKBONE, _EXPERT = _LAYER.format(stack="backbone"), _LAYER.format(stack="expert")
+_ATTN, _MLP = r"self_attn\.(q|k|v|o)_proj$", r"mlp\.(gate|up|down)_proj$"
+_NOT_IN_STACKS = [r"(^|\.)(action_in_proj|action_out_proj|time_mlp_in|time_mlp_out|text_proj|state_proj|pose_proj)$"]
+
+
+def _preset(*include: str) -> dict[str, list[str]]:
+    return {"include": list(include), "exclude": list(_NOT_IN_STACKS)}
+
+
+SCOPE_PRESETS = {
+    "llm": _preset(_BACKBONE + _ATTN, _BACKBONE + _MLP),
+    "expert": _preset(_EXPERT + _ATTN, _EXPERT + _MLP),
+    "llm+expert": _preset(_BACKBONE + _ATTN, _BACKBONE + _MLP, _EXPERT + _ATTN, _EXPERT + _MLP),
+    "expert_mlp": _preset(_EXPERT + _MLP),
+    "qkvo": _preset(_BACKBONE + _ATTN, _EXPERT + _ATTN),
+}
+SCOPE_PRESETS["default"] = SCOPE_PRESETS["llm+expert"]
+
+
+def episode_noise(seeds: list[int], steps: list[int], shape: tuple[int, ...]) -> torch.Tensor:
+    """One noise sample per row, a function of (episode seed, step) only: reruns and batch layouts agree."""
+    rows = []
+    for seed, step in zip(seeds, steps):
+        key = int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(step)]).generate_state(2, np.uint64)[0] >> 1)
+        rows.append(torch.randn(shape, generator=torch.Generator().manual_seed(key)))
+    return torch.stack(rows)
+
+
+class EmbeddedPolicy(Policy):
+    """Flow-matching policy over proprio state, object poses and a sentence embedding of the instruction."""
+
+    name = "embedded"
+    obs_mode = ObsMode.STATE
+    chunk_size = 10
+
+    def __init__(self, weights: str | Path | None = None, *, device: str = "cpu"):
+        self._path = Path(weights) if weights is not None else DEFAULT_WEIGHTS
+        self._model: EmbeddedVLA = load_weights(self._path).to(device)
+        if self._model.config.horizon != self.chunk_size:
+            horizon = self._model.config.horizon
+            raise ValueError(f"{self._path} predicts {horizon} actions per chunk, not {self.chunk_size}")
+        self._device = torch.device(device)
+        self._encoder = InstructionEncoder()
+
+    @classmethod
+    def from_config(cls, path: str | None = None, device: str = "auto") -> "EmbeddedPolicy":
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return cls(path, device=device)
+
+    def predict(self, batch: ObservationBatch) -> np.ndarray:
+        if batch.object_poses is None:
+            raise ValueError("the embedded policy reads object poses: build the env in 'state' observation mode")
+        text = self._encoder(batch.instructions)
+        noise = episode_noise(batch.episode_seeds, batch.steps, (self.chunk_size, ACTION_DIM))
+        state = torch.as_tensor(batch.state, dtype=torch.float32)
+        poses = torch.as_tensor(batch.object_poses, dtype=torch.float32)
+        tensors = [x.to(self._device) for x in (text, state, poses, noise)]
+        with torch.inference_mode():
+            actions = self._model.sample_actions(*tensors)
+        return actions.clamp(-1.0, 1.0).cpu().numpy()
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self._model
+
+    @property
+    def checkpoint(self) -> str:
+        return str(self._path)
+
+    def scope_presets(self) -> dict[str, dict[str, list[str]]]:
+        return {name: {k: list(v) for k, v in preset.items()} for name, preset in SCOPE_PRESETS.items()}
+
+    def describe(self) -> dict:
+        c = self._model.config
+        recipe_path = self._path.with_name("recipe.json")
+        return {
+            "params": sum(p.numel() for p in self._model.parameters()),
+            "backbone": {"width": c.width, "mlp_dim": c.mlp_dim, "depth": c.depth},
+            "expert": {"width": c.expert_width, "mlp_dim": c.expert_mlp_dim, "depth": c.expert_depth},
+            "heads": c.heads,
+            "horizon": c.horizon,
+            "denoising_steps": c.num_steps,
+            "text_encoder": "all-MiniLM-L6-v2",
+            "weights_sha256": hashlib.sha256(self._path.read_bytes()).hexdigest(),
+            "recipe": json.loads(recipe_path.read_text()) if recipe_path.is_file() else None,
+        }
