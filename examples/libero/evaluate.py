@@ -131,7 +131,7 @@ class Evaluation:
             self._replay_calibration(results)
         pending = [key for key in todo if key not in done]
         bar = tqdm(total=len(todo), initial=len(todo) - len(pending), desc=self.cfg.suite.name, unit="ep",
-                   disable=not self.cfg.progress, dynamic_ncols=True)  # fmt: skip
+                   disable=not self.cfg.progress)  # fmt: skip
         status = "failed"
         try:
             for task_id, episode in pending:
