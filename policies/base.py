@@ -126,7 +126,17 @@ def weights_sha256(path: str | None) -> str | None:
     files = [root] if root.is_file() else sorted(root.glob("*.safetensors"))
     digest = hashlib.sha256()
     for file in files:
-        with file.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        _hash_into(digest, file)
     return digest.hexdigest() if files else None
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of one file, read in blocks (datasets and weights can be large)."""
+    return _hash_into(hashlib.sha256(), Path(path)).hexdigest()
+
+
+def _hash_into(digest, file: Path):
+    with file.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest

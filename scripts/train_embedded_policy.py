@@ -11,7 +11,6 @@ two CPU cores.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from policies.base import file_sha256
 from policies.embedded.model import EmbeddedVLA, ModelConfig, pose_features, save_weights, state_features
 from policies.embedded.text import InstructionEncoder
 
@@ -37,14 +37,6 @@ class Demos:
     chunks: torch.Tensor  # [N, H] step indices
     episode: torch.Tensor  # [N] episode of each step
     episode_text: torch.Tensor  # [E, 384] instruction embedding of each episode
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def chunk_indices(episode_index: np.ndarray, horizon: int) -> np.ndarray:
@@ -78,7 +70,7 @@ def load_demos(path: Path, horizon: int, encoder: InstructionEncoder) -> tuple[D
     )
     summary = {
         "path": str(path),
-        "sha256": sha256(path),
+        "sha256": file_sha256(path),
         "episodes": len(instructions),
         "steps": len(episode_index),
         "suites": sorted({str(s) for s in arrays.get("suite", [])}),
@@ -183,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_weights(model, out / "model.safetensors")
-    recipe["weights_sha256"] = sha256(out / "model.safetensors")
+    recipe["weights_sha256"] = file_sha256(out / "model.safetensors")
     (out / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
     print(f"wrote {out / 'model.safetensors'} (final loss {recipe['final_loss']:.4f})")
     return recipe

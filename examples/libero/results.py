@@ -12,7 +12,6 @@ import json
 import os
 import platform
 import subprocess
-import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -186,7 +185,3 @@ class ResultsFile:
         tmp = self.json_path.with_name(f".{self.json_path.name}.tmp")
         tmp.write_text(json.dumps(doc, indent=1))
         os.replace(tmp, self.json_path)
-
-
-def python_command() -> str:
-    return " ".join([sys.executable, *sys.argv])

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from policies.base import ACTION_DIM, ObservationBatch, ObsMode, Policy
+from policies.base import ACTION_DIM, ObservationBatch, ObsMode, Policy, file_sha256
 from policies.embedded.model import EmbeddedVLA, load_weights
 from policies.embedded.text import InstructionEncoder
 
@@ -101,6 +100,6 @@ class EmbeddedPolicy(Policy):
             "horizon": c.horizon,
             "denoising_steps": c.num_steps,
             "text_encoder": "all-MiniLM-L6-v2",
-            "weights_sha256": hashlib.sha256(self._path.read_bytes()).hexdigest(),
+            "weights_sha256": file_sha256(self._path),
             "recipe": json.loads(recipe_path.read_text()) if recipe_path.is_file() else None,
         }
