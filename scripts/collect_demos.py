@@ -82,8 +82,9 @@ def plan(args: argparse.Namespace) -> list[Job]:
         bench = benchmark.get_benchmark_dict()[suite]()
         max_steps = args.max_steps or suite_max_steps(suite)
         for task_id in args.tasks if args.tasks is not None else range(bench.n_tasks):
-            count = min(args.init_states, len(bench.get_task_init_states(task_id)))
-            jobs += [Job(suite, task_id, i, seed, max_steps) for seed in args.seeds for i in range(count)]
+            stop = min(args.first_init_state + args.init_states, len(bench.get_task_init_states(task_id)))
+            init_states = range(args.first_init_state, stop)
+            jobs += [Job(suite, task_id, i, seed, max_steps) for seed in args.seeds for i in init_states]
     return jobs
 
 
@@ -190,7 +191,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suites", nargs="+", default=list(DEFAULT_SUITES), help="LIBERO suites to collect from")
     p.add_argument("--tasks", nargs="+", type=int, default=None, help="task ids within each suite (default: all)")
-    p.add_argument("--init-states", type=int, default=50, help="first N init states of each task (default: all 50)")
+    p.add_argument("--init-states", type=int, default=50, help="N init states of each task, from --first-init-state (default: all 50)")
+    p.add_argument(
+        "--first-init-state",
+        type=int,
+        default=0,
+        help="start at this init state, e.g. 10 to keep states 0-9 unseen for evaluation (default: 0)",
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="env and episode seeds, each over all init states")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes (default: one per core)")
     p.add_argument("--max-steps", type=int, default=None, help="step budget per episode (default: the suite's)")
