@@ -36,13 +36,14 @@ class ObservationBatch:
     ``state`` is always present. ``images`` is filled in ``rgb`` mode (uint8,
     [B, H, W, 3], rotated 180 degrees and padded-resized). ``object_poses`` is
     filled in ``state`` mode with the poses of each task's objects of interest
-    in the order the task's bddl lists them ([B, K, 7]; K is the same for every
-    row of one batch because rows of one batch share a task suite layout).
+    in the order the task's bddl lists them ([B, K, 7]). Tasks of one suite
+    differ in K (libero_goal 1-2, libero_10 2-4, libero_90 1-3), so the
+    runner batches only rows with the same K.
     """
 
     state: np.ndarray  # [B, STATE_DIM] float32
     instructions: list[str]
-    episode_ids: list[str]  # unique per episode; stateful policies key on it
+    episode_ids: list[str]  # unique per running episode; stateful policies key on it
     episode_seeds: list[int]  # seeds the policy's own noise for that episode
     steps: list[int]  # env step of each row (after the wait), for step-keyed noise
     images: dict[str, np.ndarray] = field(default_factory=dict)
@@ -83,7 +84,13 @@ class Policy(abc.ABC):
         """Return action chunks of shape [B, chunk_size, ACTION_DIM]."""
 
     def reset(self) -> None:
-        """Forget every per-episode state (called before each episode starts)."""
+        """Forget every per-episode state; called once before a run.
+
+        Episodes of one run overlap (a batch holds rows of several), so a
+        stateful policy keys its state on ``episode_ids`` and starts an
+        episode's state afresh at its first call (``steps`` 0): an id can come
+        back, when an episode is rerun.
+        """
 
     @property
     def module(self) -> torch.nn.Module | None:

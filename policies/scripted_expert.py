@@ -213,7 +213,7 @@ class ScriptedExpert(Policy):
             state = np.asarray(batch.state[row], dtype=np.float64)
             step = batch.steps[row]
             episode = self._episodes.get(episode_id)
-            if episode is None:
+            if episode is None or step == 0:  # an episode's first call: a rerun of an id starts afresh
                 rest = np.zeros((self.chunk_size, 3))
                 episode = self._episodes[episode_id] = _Episode(Phase.APPROACH, step, step, state[:3].copy(), rest)
             executed = step - episode.step

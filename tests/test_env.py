@@ -5,6 +5,8 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from examples.libero.env import LiberoEnv, load_task, quat_to_axis_angle, resize_with_pad
+from examples.libero.rollout import Protocol, run_episode
+from policies.scripted_expert import ScriptedExpert
 
 
 def test_axis_angle_matches_scipy():
@@ -59,3 +61,33 @@ def test_fixture_poses_come_from_sites_and_bodies(suite, task_id):
         poses = obs["object_poses"]
         assert poses.shape == (len(env.objects_of_interest), 7) and np.isfinite(poses).all()
         np.testing.assert_allclose(np.linalg.norm(poses[:, 3:], axis=1), 1.0, atol=1e-5)
+
+
+def _expert_rollout(env: LiberoEnv, init_state: np.ndarray, steps: int) -> tuple[list[dict], list[np.ndarray]]:
+    """Every observation the expert acted on, and every frame, of one short episode."""
+    seen = []
+    out = run_episode(env, ScriptedExpert(), init_state, protocol=Protocol(max_steps=steps), episode_id="t", seed=7,
+                      record_video=True, on_step=lambda obs, action: seen.append(obs))  # fmt: skip
+    assert out.error is None
+    return seen, out.frames
+
+
+def test_soft_reset_starts_an_episode_exactly_as_a_hard_reset(spatial_task):
+    task, inits = spatial_task
+    kwargs = {"seed": 7, "camera_size": 32, "render": True}
+    with LiberoEnv(task, "state", reset="soft", **kwargs) as soft, LiberoEnv(task, "state", reset="hard", **kwargs) as hard:
+        soft.reset(inits[0])  # an episode that moves an object and closes the gripper
+        joint = soft._env.env.get_object("akita_black_bowl_1").joints[0]
+        qpos = soft.sim.data.get_joint_qpos(joint).copy()
+        soft.sim.data.set_joint_qpos(joint, qpos + np.r_[0.1, 0.05, 0.1, np.zeros(4)])
+        for _ in range(15):
+            obs, _ = soft.step([0.5, 0.0, 0.3, 0.0, 0.0, 0.2, 1.0])
+        assert np.linalg.norm(obs["object_poses"][0, :3] - qpos[:3]) > 0.05
+        after_soft, soft_frames = _expert_rollout(soft, inits[1], 30)
+        after_hard, hard_frames = _expert_rollout(hard, inits[1], 30)
+    assert len(after_soft) == len(after_hard) == 30 and len(soft_frames) == len(hard_frames)
+    for a, b in zip(after_soft, after_hard):
+        np.testing.assert_array_equal(a["state"], b["state"])
+        np.testing.assert_array_equal(a["object_poses"], b["object_poses"])
+    for a, b in zip(soft_frames, hard_frames):
+        np.testing.assert_array_equal(a, b)

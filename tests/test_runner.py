@@ -29,6 +29,8 @@ EPISODE_KEYS = {"suite", "task_id", "task", "episode", "init_state", "seed", "su
 
 def make_run(overrides: list[str]):
     register_configs()
+    if not any(o.startswith("num_envs=") for o in overrides):  # in-process, so tests can count policy calls
+        overrides = ["num_envs=1", *overrides]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         dcfg = compose("config", overrides=overrides)
     return OmegaConf.to_object(dcfg), OmegaConf.to_container(dcfg, resolve=True)

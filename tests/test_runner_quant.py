@@ -38,11 +38,12 @@ class TinyMLPPolicy(Policy):
         return torch.tanh(self.net(x)).reshape(len(batch), 5, 7).numpy() * 0.1
 
 
-@pytest.mark.parametrize("rescore", [False, True])
-def test_calibration_uses_the_first_real_calls_and_is_recorded(tmp_path, rescore):
+# With two workers, calibration still runs one episode at a time: the same calls as with one.
+@pytest.mark.parametrize(("rescore", "num_envs"), [(False, 1), (True, 1), (False, 2)])
+def test_calibration_uses_the_first_real_calls_and_is_recorded(tmp_path, rescore, num_envs):
     cfg, resolved = make_run(["quant=w4a8", "quant.calib_steps=4", "quant.block_size=32", "tasks=[0]",
                               "trials_per_task=2", "suite.max_steps=15", f"calibration.rescore={rescore}",
-                              f"results_dir={tmp_path}"])  # fmt: skip
+                              f"num_envs={num_envs}", f"results_dir={tmp_path}"])  # fmt: skip
     policy = TinyMLPPolicy()
     path = Evaluation(cfg, resolved, policy=policy).run()
     doc = json.loads(path.read_text())

@@ -7,6 +7,7 @@ is loaded, so a bad value costs one line and no written file.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -14,6 +15,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from duquant.config import QuantConfig
+from examples.libero.env import RENDER_QUALITIES, RESETS
 
 MAX_TRIALS_PER_TASK = 50  # every LIBERO suite ships 50 init states per task
 SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
@@ -21,6 +23,16 @@ SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero
 
 class ConfigError(ValueError):
     """A config value is invalid; the message is one line meant for the user."""
+
+
+def parse_shard(shard: str | None) -> tuple[int, int]:
+    """``shard="i/n"`` as (i, n); (0, 1) for an unsharded run."""
+    if shard is None:
+        return 0, 1
+    match = re.fullmatch(r"(\d+)/(\d+)", str(shard).strip())
+    if match is None or not int(match[1]) < int(match[2]):
+        raise ConfigError(f"shard must be 'i/n' with 0 <= i < n, e.g. shard=0/4; got {shard!r}")
+    return int(match[1]), int(match[2])
 
 
 @dataclass
@@ -49,6 +61,8 @@ class ProtocolConfig:
     replan_steps: int = 5
     image_size: int = 224
     camera_size: int = 256
+    reset: str = "hard"  # hard rebuilds the MuJoCo model each episode; soft resets it (same start state, faster)
+    render_quality: str = "default"  # fast: no shadows, reflections or MSAA (different pixels; never for comparisons)
 
     def __post_init__(self) -> None:
         if self.num_steps_wait < 0:
@@ -57,6 +71,12 @@ class ProtocolConfig:
             raise ConfigError(f"protocol.replan_steps must be >= 1, got {self.replan_steps}")
         if self.image_size < 1 or self.camera_size < 1:
             raise ConfigError("protocol.image_size and protocol.camera_size must be >= 1")
+        if self.reset not in RESETS:
+            raise ConfigError(f"protocol.reset must be one of {', '.join(RESETS)}, got {self.reset!r}")
+        if self.render_quality not in RENDER_QUALITIES:
+            raise ConfigError(
+                f"protocol.render_quality must be one of {', '.join(RENDER_QUALITIES)}, got {self.render_quality!r}"
+            )
 
 
 @dataclass
@@ -78,8 +98,16 @@ class RunConfig:
     resume: Optional[str] = None  # path of an interrupted run's results JSON
     results_dir: str = "results"
     progress: bool = True
+    num_envs: Optional[int] = None  # simulator worker processes; None = one per core, capped by the episodes
+    step_timeout_s: float = 60.0  # a worker silent this long per env step is deemed hung and restarted
+    shard: Optional[str] = None  # "i/n": run every n-th episode of the run's ordered list, starting at i
 
     def __post_init__(self) -> None:
+        if self.num_envs is not None and self.num_envs < 1:
+            raise ConfigError(f"num_envs must be >= 1 (or null for one per core), got {self.num_envs}")
+        if self.step_timeout_s <= 0:
+            raise ConfigError(f"step_timeout_s must be > 0, got {self.step_timeout_s}")
+        parse_shard(self.shard)
         if not 1 <= self.trials_per_task <= MAX_TRIALS_PER_TASK:
             raise ConfigError(f"trials_per_task must be in 1..{MAX_TRIALS_PER_TASK}, got {self.trials_per_task}")
         bad = [t for t in self.task_ids if not 0 <= t < self.suite.num_tasks]

@@ -7,8 +7,9 @@ observation, and for quantized runs the first ``calib_steps`` calls calibrate.
 from __future__ import annotations
 
 import logging
+import os
 import threading
-import time
+from collections import deque
 from dataclasses import asdict
 from pathlib import Path
 
@@ -17,18 +18,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from examples.libero.config import RunConfig
-from examples.libero.env import LiberoEnv, load_task
+from examples.libero.config import RunConfig, parse_shard
+from examples.libero.env import Task, load_task
 from examples.libero.quantize import CalibratingPolicy, describe_layers
 from examples.libero.results import ResultsFile, git_state, now_iso, versions
-from examples.libero.rollout import EpisodeOutcome, Protocol, run_episode
+from examples.libero.rollout import EpisodeOutcome, Protocol
+from examples.libero.scheduler import EpisodeInfo, Job, Scheduler
+from examples.libero.workers import EnvSpec, start_workers
 from policies import Policy, make_policy
 from policies.base import weights_sha256
 
 log = logging.getLogger(__name__)
 
-# Keys that may differ between an interrupted run and its resumption.
-RESUME_FREE_KEYS = ("resume", "progress")
+# Keys that may differ between an interrupted run and its resumption: how it runs, not what it measures. (A
+# quantized run calibrates on one worker whatever their count.)
+RESUME_FREE_KEYS = ("resume", "progress", "num_envs", "step_timeout_s")
 
 
 class ResumeMismatch(ValueError):
@@ -57,7 +61,7 @@ class Evaluation:
 
     def __init__(self, cfg: RunConfig, resolved_config: dict, policy: Policy | None = None):
         self.cfg = cfg
-        self.stop = threading.Event()  # set by a signal handler: the run stops at the next step, resumable
+        self.stop = threading.Event()  # set by a signal handler: the run stops at the next chunk, resumable
         self.resolved_config = resolved_config
         self.policy = policy if policy is not None else make_policy(cfg.policy.name, cfg.policy.path, cfg.policy.device)
         self.protocol = Protocol(
@@ -66,8 +70,10 @@ class Evaluation:
         self.calibrator: CalibratingPolicy | None = None
         if cfg.quant.mode != "fp" and not cfg.quant.dry_run:
             self.calibrator = CalibratingPolicy(self.policy, cfg.quant, Path(cfg.results_dir) / "duquant_packs")
-        self._envs: dict[int, tuple[LiberoEnv, np.ndarray]] = {}
-        self._rescore_pending: list[tuple[int, int]] = []
+        self._tasks: dict[int, Task] = {}
+        self._rescore_pending: list[Job] = []
+        self._calls_before = 0  # calibration calls replayed for a resumed run belong to no new record
+        self.num_envs: int | None = None  # the worker count once run() starts
         self.status: str | None = None  # the run's final status once run() returns
 
     # -- set-up -------------------------------------------------------------------------------------------------
@@ -76,10 +82,17 @@ class Evaluation:
         return describe_layers(self.policy, self.cfg.quant)
 
     def protocol_record(self) -> dict:
+        p = self.cfg.protocol
         return {**asdict(self.protocol), "suite": self.cfg.suite.name, "seed": self.cfg.seed,
-                "obs_mode": self.policy.obs_mode.value, "image_size": self.cfg.protocol.image_size,
-                "camera_size": self.cfg.protocol.camera_size, "chunk_size": self.policy.chunk_size,
-                "init_state": "episode i starts from the suite's init state i", "reset": "hard"}  # fmt: skip
+                "obs_mode": self.policy.obs_mode.value, "image_size": p.image_size, "camera_size": p.camera_size,
+                "chunk_size": self.policy.chunk_size, "init_state": "episode i starts from the suite's init state i",
+                "reset": p.reset, "render_quality": p.render_quality}  # fmt: skip
+
+    def episodes(self) -> list[Job]:
+        """The run's episodes in their fixed order: every (task, init state), or this shard's every n-th."""
+        first, step = parse_shard(self.cfg.shard)
+        every = [Job(t, e) for t in self.cfg.task_ids for e in range(self.cfg.trials_per_task)]
+        return every[first::step]
 
     def _header(self) -> dict:
         checkpoint = self.policy.checkpoint
@@ -95,11 +108,15 @@ class Evaluation:
             "protocol": self.protocol_record(),
         }
 
-    def _open_results(self) -> ResultsFile:
-        if self.cfg.resume is None:
-            quant = self.cfg.quant
-            tag = "fp" if quant.mode == "fp" else f"{quant.mode}_w{quant.w_bits}a{quant.a_bits}"
-            return ResultsFile.create(Path(self.cfg.results_dir), self.cfg.suite.name, self.policy.name, tag, self._header())
+    def _create_results(self) -> ResultsFile:
+        quant = self.cfg.quant
+        tag = "fp" if quant.mode == "fp" else f"{quant.mode}_w{quant.w_bits}a{quant.a_bits}"
+        first, step = parse_shard(self.cfg.shard)
+        if step > 1:
+            tag += f"_shard{first}of{step}"
+        return ResultsFile.create(Path(self.cfg.results_dir), self.cfg.suite.name, self.policy.name, tag, self._header())
+
+    def _resumed_results(self) -> ResultsFile:
         results = ResultsFile.load(Path(self.cfg.resume))
         before = {k: v for k, v in (results.header.get("config") or {}).items() if k not in RESUME_FREE_KEYS}
         now = {k: v for k, v in self.resolved_config.items() if k not in RESUME_FREE_KEYS}
@@ -108,39 +125,65 @@ class Evaluation:
             raise ResumeMismatch(f"resume: config differs from the interrupted run in {', '.join(diff)}")
         return results
 
-    def _env(self, task_id: int) -> tuple[LiberoEnv, np.ndarray]:
-        if task_id not in self._envs:
-            for env, _ in self._envs.values():  # one task at a time: a LIBERO env holds a full MuJoCo model
-                env.close()
-            self._envs.clear()
-            task, init_states = load_task(self.cfg.suite.name, task_id)
-            env = LiberoEnv(task, self.policy.obs_mode, seed=self.cfg.seed, camera_size=self.cfg.protocol.camera_size,
-                            image_size=self.cfg.protocol.image_size, render=True if self.cfg.video else None)  # fmt: skip
-            self._envs[task_id] = (env, init_states)
-        return self._envs[task_id]
+    def _env_spec(self) -> EnvSpec:
+        cfg = self.cfg
+        return EnvSpec(suite=cfg.suite.name, obs_mode=self.policy.obs_mode.value, seed=cfg.seed,
+                       camera_size=cfg.protocol.camera_size, image_size=cfg.protocol.image_size,
+                       render=True if cfg.video else None, reset=cfg.protocol.reset,
+                       render_quality=cfg.protocol.render_quality, num_steps_wait=cfg.protocol.num_steps_wait,
+                       record_video=cfg.video)  # fmt: skip
+
+    def _describe(self, job: Job) -> EpisodeInfo:
+        if job.task_id not in self._tasks:
+            self._tasks[job.task_id] = load_task(self.cfg.suite.name, job.task_id)[0]
+        suite, instruction = self.cfg.suite.name, self._tasks[job.task_id].instruction
+        return EpisodeInfo(episode_id(suite, job.task_id, job.episode), episode_seed(self.cfg.seed, job.task_id, job.episode),
+                           instruction)  # fmt: skip
+
+    def _scheduler(self, num_envs: int) -> Scheduler:
+        workers = start_workers(self._env_spec(), num_envs, self.cfg.step_timeout_s)
+        return Scheduler(workers, self._policy(), self.protocol, self._describe, self.stop)
 
     # -- the run ------------------------------------------------------------------------------------------------
 
     def run(self) -> Path:
-        todo = [(t, e) for t in self.cfg.task_ids for e in range(self.cfg.trials_per_task)]
-        if todo:
-            self._env(todo[0][0])  # fail on rendering before any file is written
-        results = self._open_results()
-        done = results.done()
-        if self.calibrator is not None and self.cfg.resume is not None:
-            self._replay_calibration(results)
-        pending = [key for key in todo if key not in done]
-        bar = tqdm(total=len(todo), initial=len(todo) - len(pending), desc=self.cfg.suite.name, unit="ep",
+        results = self._resumed_results() if self.cfg.resume is not None else None
+        done = results.done() if results is not None else set()
+        todo = self.episodes()
+        pending = deque(job for job in todo if (job.task_id, job.episode) not in done)
+        self.num_envs = self.cfg.num_envs or max(1, min(os.cpu_count() or 1, len(pending)))
+        scheduler = self._scheduler(self.num_envs)
+        try:
+            if pending:
+                scheduler.prepare(pending[0].task_id)  # fail on rendering before any file is written
+            if results is None:
+                results = self._create_results()
+            results.update(execution={"num_envs": self.num_envs})
+            self._policy().reset()  # once per run: policies keep per-episode state by episode id
+            if self.calibrator is not None and self.cfg.resume is not None:
+                self._replay_calibration(results)
+            self._run_pending(results, scheduler, pending, initial=len(todo) - len(pending))
+        finally:
+            for worker in scheduler.workers:
+                worker.close()
+        return results.json_path
+
+    def _run_pending(self, results: ResultsFile, scheduler: Scheduler, pending: deque[Job], initial: int) -> None:
+        bar = tqdm(total=initial + len(pending), initial=initial, desc=self.cfg.suite.name, unit="ep",
                    disable=not self.cfg.progress)  # fmt: skip
+
+        def finished(job: Job, out: EpisodeOutcome, wall_s: float) -> None:
+            self._record(results, job, out, wall_s)
+            if self.calibrator is not None and self.calibrator.calibrated and self._rescore_pending:
+                pending.extend(Job(j.task_id, j.episode, rescore=True) for j in self._rescore_pending)
+                self._rescore_pending = []
+            if not job.rescore:
+                bar.update(1)
+                bar.set_postfix(success=f"{sum(e['success'] for e in results.episodes) / len(results.episodes):.1%}")
+
         status = "failed"
         try:
-            for task_id, episode in pending:
-                if self.stop.is_set():
-                    raise KeyboardInterrupt
-                self._run_and_record(results, task_id, episode)
-                bar.update(1)
-                rate = sum(e["success"] for e in results.episodes) / len(results.episodes)
-                bar.set_postfix(success=f"{rate:.1%}")
+            scheduler.run(pending, finished, serial=self._calibrating)
             status = "complete"
         except KeyboardInterrupt:
             status = "interrupted"
@@ -149,67 +192,62 @@ class Evaluation:
             bar.close()
             self._record_quant(results)
             results.write(status)
-            for env, _ in self._envs.values():
-                env.close()
         self.status = status
-        return results.json_path
 
     def _policy(self) -> Policy:
         return self.calibrator if self.calibrator is not None else self.policy
 
-    def _episode(self, task_id: int, episode: int, policy: Policy) -> tuple[EpisodeOutcome, dict]:
-        env, init_states = self._env(task_id)
-        eid = episode_id(self.cfg.suite.name, task_id, episode)
-        seed = episode_seed(self.cfg.seed, task_id, episode)
-        start = time.perf_counter()
-        out = run_episode(env, policy, init_states[episode], protocol=self.protocol, episode_id=eid, seed=seed,
-                          record_video=self.cfg.video, stop=self.stop)  # fmt: skip
+    def _calibrating(self) -> bool:
+        return self.calibrator is not None and not self.calibrator.calibrated
+
+    def _record(self, results: ResultsFile, job: Job, out: EpisodeOutcome, wall_s: float) -> None:
+        info = self._describe(job)
         record = {
-            "suite": self.cfg.suite.name, "task_id": task_id, "task": env.task.instruction, "episode": episode,
-            "init_state": episode, "seed": seed, "success": out.success, "steps": out.steps,
-            "wall_s": time.perf_counter() - start, "policy_calls": out.policy_calls,
+            "suite": self.cfg.suite.name, "task_id": job.task_id, "task": info.instruction, "episode": job.episode,
+            "init_state": job.episode, "seed": info.seed, "success": out.success, "steps": out.steps,
+            "wall_s": wall_s, "policy_calls": out.policy_calls,
             "latency_ms": float(np.mean(out.call_latencies_ms)) if out.call_latencies_ms else None,
             "error": out.error, "video": None, "call_latencies_ms": out.call_latencies_ms, "env_step_ms": out.env_step_ms,
         }  # fmt: skip
-        return out, record
-
-    def _run_and_record(self, results: ResultsFile, task_id: int, episode: int) -> None:
-        calibrating = self.calibrator is not None and not self.calibrator.calibrated
-        calls_before = len(self.calibrator.calibration_calls) if calibrating else 0
-        out, record = self._episode(task_id, episode, self._policy())
-        if calibrating:
-            record["calibration_calls"] = len(self.calibrator.calibration_calls) - calls_before
+        if job.rescore:
+            record.update(rescored=True, calibration_calls=0)
+        elif self.calibrator is not None:
+            calls = self.calibrator.calibration_calls[self._calls_before :]
+            served = sum(call["episode_id"] == info.episode_id for call in calls)
+            if served:
+                record["calibration_calls"] = served
+                if self.cfg.calibration.rescore:
+                    self._rescore_pending.append(job)
         self._save_video(results, record, out)
         results.append(record)
-        if record.get("calibration_calls") and self.cfg.calibration.rescore:
-            self._rescore_pending.append((task_id, episode))
-        if self.calibrator is not None and self.calibrator.calibrated and self._rescore_pending:
-            pending, self._rescore_pending = self._rescore_pending, []
-            for key in pending:
-                out, rescored = self._episode(*key, self.calibrator)
-                rescored.update(rescored=True, calibration_calls=0)
-                self._save_video(results, rescored, out)
-                results.append(rescored)
 
     def _replay_calibration(self, results: ResultsFile) -> None:
         """Recalibrate a resumed quantized run on the same observations as the original.
 
-        The calibration episodes are replayed in order (deterministic simulator,
-        per-episode policy noise), so the statistics, transforms and pack are
-        the ones the interrupted run had; their outcomes are not recorded again.
+        The calibration episodes are replayed in their recorded order, one at
+        a time as they ran (deterministic simulator, per-episode policy noise),
+        so the policy sees the same observations and the statistics, transforms
+        and pack are the ones the interrupted run had; their outcomes are not
+        recorded again.
         """
         record = (results.header.get("quant") or {}).get("calibration") or {}
-        keys = {episode_id(self.cfg.suite.name, t, e): (t, e) for t in self.cfg.task_ids for e in range(self.cfg.trials_per_task)}
-        for eid in record.get("episodes", []):
-            if self.calibrator.calibrated:
-                break
-            self._episode(*keys[eid], self.calibrator)
+        jobs = {episode_id(self.cfg.suite.name, j.task_id, j.episode): j for j in self.episodes()}
+        replay = deque(jobs[eid] for eid in record.get("episodes", []))
+        if replay:
+            scheduler = self._scheduler(1)
+            try:
+                scheduler.run(replay, lambda *_: None, serial=lambda: True)
+            finally:
+                for worker in scheduler.workers:
+                    worker.close()
+        self._calls_before = len(self.calibrator.calibration_calls)
 
     def _record_quant(self, results: ResultsFile) -> None:
         if self.calibrator is None:
             return
         report = self.calibrator.report or {}
-        results.update(quant={"mode": self.cfg.quant.mode, **report, "calibration": self.calibrator.calibration_record()})
+        calibration = {**self.calibrator.calibration_record(), "batching": "one episode at a time, as with num_envs=1"}
+        results.update(quant={"mode": self.cfg.quant.mode, **report, "calibration": calibration})
 
     def _save_video(self, results: ResultsFile, record: dict, out: EpisodeOutcome) -> None:
         if not out.frames:

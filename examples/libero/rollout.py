@@ -1,17 +1,22 @@
-"""One episode under the openpi LIBERO protocol.
+"""Episodes under the openpi LIBERO protocol.
 
 Wait ``num_steps_wait`` steps with the dummy action, then ask the policy for an
 action chunk, execute its first ``replan_steps`` actions, ask again, until the
 task succeeds or ``max_steps`` policy-driven steps have run.
+
+The protocol is split where a process boundary may fall: :func:`begin` and
+:func:`execute` touch only the env (they run inside a simulator worker), while
+:class:`EpisodeState` and :func:`ask` touch only the policy side, so one policy
+call can serve the episodes of many workers. :func:`run_episode` joins them
+for one episode in this process.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -42,6 +47,84 @@ class EpisodeOutcome:
     error: str | None = None  # set when the episode stopped on an exception (counted as a failure)
 
 
+@dataclass
+class EnvProgress:
+    """What the env side reports after starting an episode or executing a chunk."""
+
+    obs: dict
+    success: bool = False
+    steps: int = 0  # policy-driven steps executed
+    step_ms: list[float] = field(default_factory=list)
+    frames: list[np.ndarray] = field(default_factory=list)
+
+
+def begin(env: LiberoEnv, init_state: np.ndarray, num_steps_wait: int, record_video: bool = False) -> EnvProgress:
+    """Reset into ``init_state`` and let the scene settle; the wait's steps are not the policy's."""
+    progress = EnvProgress(env.reset(init_state))
+    if record_video:
+        progress.frames.append(env.frame())
+    for _ in range(num_steps_wait):
+        progress.obs, _ = env.step(DUMMY_ACTION)  # as openpi: success is not checked while waiting
+        if record_video:
+            progress.frames.append(env.frame())
+    return progress
+
+
+def execute(
+    env: LiberoEnv,
+    obs: dict,
+    actions: np.ndarray,
+    *,
+    record_video: bool = False,
+    on_step: Callable[[dict, np.ndarray], None] | None = None,
+) -> EnvProgress:
+    """Execute ``actions`` from observation ``obs``, stopping early when the task succeeds."""
+    progress = EnvProgress(obs)
+    for action in actions:
+        if on_step is not None:
+            on_step(progress.obs, action)
+        start = time.perf_counter()
+        progress.obs, progress.success = env.step(action)
+        progress.step_ms.append((time.perf_counter() - start) * 1e3)
+        progress.steps += 1
+        if record_video:
+            progress.frames.append(env.frame())
+        if progress.success:
+            break
+    return progress
+
+
+@dataclass
+class EpisodeState:
+    """The policy side of one running episode: its latest observation and its outcome so far."""
+
+    episode_id: str
+    seed: int
+    instruction: str
+    protocol: Protocol
+    obs: dict | None = None
+    outcome: EpisodeOutcome = field(default_factory=lambda: EpisodeOutcome(success=False, steps=0, policy_calls=0))
+
+    @property
+    def finished(self) -> bool:
+        out = self.outcome
+        return out.error is not None or out.success or out.steps >= self.protocol.max_steps
+
+    def advance(self, progress: EnvProgress) -> None:
+        out = self.outcome
+        self.obs, out.success = progress.obs, progress.success
+        out.steps += progress.steps
+        out.env_step_ms.extend(progress.step_ms)
+        out.frames.extend(progress.frames)
+
+    def fail(self, error: str) -> None:
+        self.outcome.success, self.outcome.error = False, error
+
+    def actions(self, chunk: np.ndarray) -> np.ndarray:
+        """The part of a predicted chunk to execute: ``replan_steps`` actions, fewer near ``max_steps``."""
+        return check_chunk(chunk, min(self.protocol.replan_steps, self.protocol.max_steps - self.outcome.steps))
+
+
 def _synchronize() -> None:
     # Latency must include queued GPU work, not just the kernel launches.
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -58,6 +141,46 @@ def check_chunk(chunk: np.ndarray, replan_steps: int) -> np.ndarray:
     return chunk[:replan_steps]
 
 
+def _layout(obs: dict) -> int:
+    # Rows of one batch must stack: tasks of one suite differ in their number of objects of interest.
+    poses = obs.get("object_poses")
+    return 0 if poses is None else len(poses)
+
+
+def ask(policy: Policy, episodes: Sequence[EpisodeState]) -> list[tuple[EpisodeState, np.ndarray]]:
+    """One policy call per observation layout for ``episodes``; returns each episode's actions to execute.
+
+    Every row gets the call's latency. An episode whose row cannot be executed,
+    or whose call raised, is failed with the reason and left out of the result.
+    """
+    groups: dict[int, list[EpisodeState]] = {}
+    for episode in episodes:
+        groups.setdefault(_layout(episode.obs), []).append(episode)
+    planned = []
+    for group in groups.values():
+        batch = collate([e.obs for e in group], [e.instruction for e in group], [e.episode_id for e in group],
+                        [e.seed for e in group], [e.outcome.steps for e in group])  # fmt: skip
+        start = time.perf_counter()
+        try:
+            chunks = policy.predict(batch)
+            _synchronize()
+            if len(chunks) != len(group):
+                raise PolicyOutputError(f"policy returned {len(chunks)} action chunks for a batch of {len(group)}")
+        except Exception as exc:  # noqa: BLE001 - the call's failure belongs to the records of its episodes
+            for episode in group:
+                episode.fail(f"{type(exc).__name__}: {exc}")
+            continue
+        latency_ms = (time.perf_counter() - start) * 1e3
+        for episode, chunk in zip(group, chunks):
+            episode.outcome.call_latencies_ms.append(latency_ms)
+            episode.outcome.policy_calls += 1
+            try:
+                planned.append((episode, episode.actions(chunk)))
+            except PolicyOutputError as exc:
+                episode.fail(f"{type(exc).__name__}: {exc}")
+    return planned
+
+
 def run_episode(
     env: LiberoEnv,
     policy: Policy,
@@ -70,57 +193,24 @@ def run_episode(
     on_step: Callable[[dict, np.ndarray], None] | None = None,
     stop: threading.Event | None = None,
 ) -> EpisodeOutcome:
-    """Roll out one episode; ``on_step(observation, action)`` sees every policy-driven step.
+    """Roll out one episode in this process; ``on_step(observation, action)`` sees every policy-driven step.
 
     An exception inside the episode (simulator instability, a bad action) ends
-    it as a failure with the message in ``error``; the run goes on. A set
-    ``stop`` event ends the episode between two steps with KeyboardInterrupt:
-    signals are turned into that event rather than raised where they land,
-    because LIBERO's reset loop swallows exceptions.
+    it as a failure with the message in ``error``. A set ``stop`` event ends
+    the episode between two chunks with KeyboardInterrupt: signals are turned
+    into that event rather than raised where they land, because LIBERO's reset
+    loop swallows exceptions.
     """
-    out = EpisodeOutcome(success=False, steps=0, policy_calls=0)
     stop = stop or threading.Event()
-
-    def step(action) -> tuple[dict, bool]:
-        start = time.perf_counter()
-        obs, done = env.step(action)
-        out.env_step_ms.append((time.perf_counter() - start) * 1e3)
-        if record_video:
-            out.frames.append(env.frame())
-        return obs, done
-
+    episode = EpisodeState(episode_id, seed, env.task.instruction, protocol)
     try:
         policy.reset()
-        obs = env.reset(init_state)
-        if record_video:
-            out.frames.append(env.frame())
-        for _ in range(protocol.num_steps_wait):
-            obs, _ = step(DUMMY_ACTION)  # as openpi: success is not checked while waiting
-        out.env_step_ms.clear()  # the wait is not part of the policy's episode
-        plan: deque[np.ndarray] = deque()
-        while out.steps < protocol.max_steps and not out.success:
+        episode.advance(begin(env, init_state, protocol.num_steps_wait, record_video))
+        while not episode.finished:
             if stop.is_set():
                 raise KeyboardInterrupt
-            if not plan:
-                plan.extend(_ask(policy, obs, env, episode_id, seed, out, protocol.replan_steps))
-            action = plan.popleft()
-            if on_step is not None:
-                on_step(obs, action)
-            obs, out.success = step(action)
-            out.steps += 1
+            for _, actions in ask(policy, [episode]):
+                episode.advance(execute(env, episode.obs, actions, record_video=record_video, on_step=on_step))
     except Exception as exc:  # noqa: BLE001 - any failure belongs to this episode's record
-        out.success = False
-        out.error = f"{type(exc).__name__}: {exc}"
-    return out
-
-
-def _ask(policy: Policy, obs: dict, env: LiberoEnv, episode_id: str, seed: int, out: EpisodeOutcome, replan_steps: int):
-    batch = collate([obs], [env.task.instruction], [episode_id], [seed], [out.steps])
-    start = time.perf_counter()
-    chunks = policy.predict(batch)
-    _synchronize()
-    out.call_latencies_ms.append((time.perf_counter() - start) * 1e3)
-    out.policy_calls += 1
-    if len(chunks) != 1:
-        raise PolicyOutputError(f"policy returned {len(chunks)} action chunks for a batch of 1")
-    return check_chunk(chunks[0], replan_steps)
+        episode.fail(f"{type(exc).__name__}: {exc}")
+    return episode.outcome

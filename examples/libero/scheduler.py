@@ -1,0 +1,139 @@
+"""Episodes over simulator workers, with one batched policy call per round.
+
+Each worker runs one episode at a time, taken in order from a shared job
+list. An episode whose chunk is done waits for an action; the policy is
+called, once for all waiting episodes, when no worker is executing a chunk,
+so every episode that could join the batch has. A worker starting an episode
+is not waited for (a hard reset costs ~50 chunks of physics on CPU); it joins
+a later round. While ``serial()`` holds (a quantized policy calibrating),
+only the first worker takes episodes, one at a time: the policy then sees
+exactly the observations of a one-worker run, so calibration, and with it a
+quantized run's results, does not depend on the number of workers.
+
+A worker's reply is the episode's next observation (IPC once per chunk, not
+per step); a crashed or hung worker is restarted and its episode recorded
+with the error.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from examples.libero.env import RenderingUnavailable
+from examples.libero.rollout import EnvProgress, EpisodeOutcome, EpisodeState, Protocol, ask
+from examples.libero.workers import Begin, CommandFailed, Execute, Prepare, Worker, replies
+from policies.base import Policy
+
+POLL_S = 0.5  # longest wait for a reply before the stop event is checked again
+
+
+@dataclass(frozen=True)
+class Job:
+    task_id: int
+    episode: int  # also the index of the init state it starts from
+    rescore: bool = False  # a rerun of a calibration episode, fully quantized
+
+
+@dataclass(frozen=True)
+class EpisodeInfo:
+    episode_id: str
+    seed: int
+    instruction: str
+
+
+@dataclass
+class _Running:
+    job: Job
+    worker: int  # index into the scheduler's workers
+    state: EpisodeState
+    order: int  # rows of a batch keep the order their episodes started in
+    started: float
+
+
+class Scheduler:
+    def __init__(
+        self,
+        workers: list[Worker],
+        policy: Policy,
+        protocol: Protocol,
+        describe: Callable[[Job], EpisodeInfo],
+        stop: threading.Event,
+    ):
+        self.workers, self.policy, self.protocol = workers, policy, protocol
+        self.describe, self.stop = describe, stop
+        self._order = itertools.count()
+
+    def prepare(self, task_id: int) -> None:
+        """Every worker builds the task's env now: a rendering failure is raised before anything is written."""
+        for worker in self.workers:
+            worker.submit(Prepare(task_id))
+        while any(w.busy for w in self.workers):
+            for _, reply in self._replies():
+                if isinstance(reply, CommandFailed):
+                    raise (RenderingUnavailable if reply.rendering else RuntimeError)(reply.message)
+
+    def run(
+        self,
+        jobs: deque[Job],
+        on_finished: Callable[[Job, EpisodeOutcome, float], None],
+        serial: Callable[[], bool] = lambda: False,
+    ) -> None:
+        """Run ``jobs`` (``on_finished`` may append more) until none is left; a set stop event raises KeyboardInterrupt."""
+        running: dict[int, _Running] = {}  # by worker index
+        waiting: list[_Running] = []
+        while jobs or running:
+            if self.stop.is_set():
+                raise KeyboardInterrupt
+            one_at_a_time = serial()
+            for index in range(1 if one_at_a_time else len(self.workers)):
+                if index not in running and jobs:
+                    running[index] = self._begin(index, jobs.popleft())
+            busy = [r for r in running.values() if self.workers[r.worker].busy]
+            executing = any(r.state.obs is not None for r in busy)
+            if executing or (busy and (one_at_a_time or not waiting)):
+                for index, reply in self._replies():
+                    episode = running[index]
+                    self._settle(episode, reply)
+                    if not episode.state.finished:
+                        waiting.append(episode)
+                    else:
+                        del running[index]
+                        on_finished(episode.job, episode.state.outcome, time.perf_counter() - episode.started)
+                continue
+            batch, waiting = sorted(waiting, key=lambda r: r.order), []
+            planned = {id(state): actions for state, actions in ask(self.policy, [r.state for r in batch])}
+            for episode in batch:
+                if not episode.state.finished:
+                    self.workers[episode.worker].submit(Execute(planned[id(episode.state)]))
+                else:  # the policy call failed for this row
+                    del running[episode.worker]
+                    on_finished(episode.job, episode.state.outcome, time.perf_counter() - episode.started)
+
+    def _begin(self, index: int, job: Job) -> _Running:
+        info = self.describe(job)
+        state = EpisodeState(info.episode_id, info.seed, info.instruction, self.protocol)
+        self.workers[index].submit(Begin(job.task_id, job.episode))
+        return _Running(job, index, state, next(self._order), time.perf_counter())
+
+    def _replies(self) -> list[tuple[int, EnvProgress | CommandFailed | None]]:
+        """(worker index, reply) of busy workers, waiting up to POLL_S for one; an overdue worker's reply is its failure."""
+        deadlines = [w.deadline for w in self.workers if w.deadline is not None]
+        timeout = max(0.0, min([POLL_S, *(d - time.monotonic() for d in deadlines)]))
+        ready = {id(w) for w in replies(self.workers, timeout)}
+        got = [(i, w.receive()) for i, w in enumerate(self.workers) if id(w) in ready]
+        now = time.monotonic()
+        return got + [(i, failure) for i, w in enumerate(self.workers) if (failure := w.overdue(now)) is not None]
+
+    @staticmethod
+    def _settle(episode: _Running, reply: EnvProgress | CommandFailed) -> None:
+        if isinstance(reply, CommandFailed):
+            if reply.rendering:
+                raise RenderingUnavailable(reply.message)
+            episode.state.fail(reply.message)
+        else:
+            episode.state.advance(reply)
