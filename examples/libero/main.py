@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import signal
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import hydra
+from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -31,7 +33,7 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
-def _root_cause(exc: BaseException) -> BaseException:
+def root_cause(exc: BaseException) -> BaseException:
     # OmegaConf wraps errors raised in __post_init__; the user needs the original sentence.
     while exc.__cause__ is not None and isinstance(exc, OmegaConfBaseException):
         exc = exc.__cause__
@@ -39,10 +41,16 @@ def _root_cause(exc: BaseException) -> BaseException:
 
 
 @hydra.main(config_path="../../conf", config_name="config", version_base=None)
-def main(dcfg: DictConfig) -> None:
+def main(dcfg: DictConfig) -> Path | None:
+    if mp.get_start_method(allow_none=True) not in mp.get_all_start_methods():
+        # A joblib launcher job runs in a loky worker whose default start method, "loky", is unknown to the env
+        # worker processes it spawns (they would die at start-up): give them a standard one.
+        mp.set_start_method("spawn", force=True)
     # Set-up errors (bad values, unknown names, a scope that matches nothing) are the user's to fix: one line.
     try:
         cfg: RunConfig = OmegaConf.to_object(dcfg)
+        # Against the directory the command ran in: a launcher or hydra.job.chdir may have moved this job.
+        cfg.results_dir = to_absolute_path(cfg.results_dir)
         evaluation = Evaluation(cfg, OmegaConf.to_container(dcfg, resolve=True))
         if cfg.quant.dry_run:
             lines = evaluation.dry_run()
@@ -50,7 +58,7 @@ def main(dcfg: DictConfig) -> None:
             print(f"{len(lines)} layers would be quantized ({cfg.quant.mode}, scope={cfg.quant.scope})")
             return
     except (ValueError, FileNotFoundError, OmegaConfBaseException) as exc:
-        fail(str(_root_cause(exc)).splitlines()[0])
+        fail(str(root_cause(exc)).splitlines()[0])
     def request_stop(signum, frame) -> None:
         if evaluation.stop.is_set():
             raise KeyboardInterrupt  # a second signal: stop right now
@@ -68,6 +76,7 @@ def main(dcfg: DictConfig) -> None:
     if evaluation.status == "interrupted":
         print(f"interrupted: continue with resume={path}", file=sys.stderr)
         sys.exit(130)
+    return path  # for the sweep index (examples/libero/sweep_index.py)
 
 
 if __name__ == "__main__":

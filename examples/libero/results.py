@@ -11,7 +11,9 @@ import datetime as dt
 import json
 import os
 import platform
+import resource
 import subprocess
+import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -22,7 +24,7 @@ SCHEMA_VERSION = 1
 STATUSES = ("running", "complete", "interrupted", "failed")
 TOP_LEVEL_KEYS = (
     "schema_version", "run_id", "status", "started_at", "finished_at", "git", "versions", "device", "config",
-    "policy", "quant", "protocol", "tasks", "episodes", "overall", "timing",
+    "policy", "quant", "protocol", "tasks", "episodes", "overall", "timing", "memory",
 )  # fmt: skip
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -64,6 +66,62 @@ def summarize_timing(episodes: list[dict], total_wall_s: float) -> dict:
         "episode_wall_s": _percentiles([e["wall_s"] for e in episodes]),
         "total_wall_s": total_wall_s,
     }
+
+
+def process_memory() -> dict:
+    """Peak memory of this process so far: resident set size, and CUDA allocations when CUDA is in use."""
+    peak_rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if sys.platform == "darwin":  # macOS reports bytes, Linux KiB
+        peak_rss_kib //= 1024
+    torch = sys.modules.get("torch")  # never import torch just to ask: a run that has not loaded it used no CUDA
+    cuda = torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized()
+    return {"peak_rss_mb": peak_rss_kib / 1024,
+            "cuda_max_allocated_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None}  # fmt: skip
+
+
+def peak_memory(*records: dict | None) -> dict:
+    """The larger value of each memory field over several records (runs resumed or merged from shards)."""
+    fields = ("peak_rss_mb", "cuda_max_allocated_mb")
+    return {k: max((r[k] for r in records if r and r.get(k) is not None), default=None) for k in fields}
+
+
+def summary_document(header: dict, episodes: list[dict], status: str, total_wall_s: float) -> dict:
+    """The results JSON of a run: its header plus every summary derived from its episode records."""
+    assert status in STATUSES, status
+    episodes = sorted(episodes, key=lambda e: (e["task_id"], e["episode"]))
+    return {
+        **{k: header.get(k) for k in TOP_LEVEL_KEYS},
+        **{k: v for k, v in header.items() if k not in TOP_LEVEL_KEYS},
+        "schema_version": SCHEMA_VERSION,
+        "status": status,
+        "finished_at": None if status == "running" else now_iso(),
+        "tasks": summarize_tasks(episodes),
+        "episodes": episodes,
+        "overall": rate_summary(sum(e["success"] for e in episodes), len(episodes)),
+        "timing": summarize_timing(episodes, total_wall_s),
+    }
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` through a temp file + rename, so a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class ResultsError(ValueError):
+    """A results file cannot be used; the message is one line meant for the user."""
+
+
+def read_results(path: Path) -> dict:
+    """A results JSON written by this harness, or a one-line ResultsError."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ResultsError(f"cannot read results file {path}: {exc}") from exc
+    if not isinstance(doc, dict) or doc.get("schema_version") != SCHEMA_VERSION:
+        raise ResultsError(f"{path} is not a results file of schema version {SCHEMA_VERSION}")
+    return doc
 
 
 def now_iso() -> str:
@@ -168,20 +226,7 @@ class ResultsFile:
         self.header.update(fields)
 
     def write(self, status: str) -> None:
-        assert status in STATUSES, status
-        episodes = sorted(self.episodes, key=lambda e: (e["task_id"], e["episode"]))
         wall = self._wall_before + dt.datetime.now().timestamp() - self._session_start
-        doc = {
-            **{k: self.header.get(k) for k in TOP_LEVEL_KEYS},
-            **{k: v for k, v in self.header.items() if k not in TOP_LEVEL_KEYS},
-            "schema_version": SCHEMA_VERSION,
-            "status": status,
-            "finished_at": None if status == "running" else now_iso(),
-            "tasks": summarize_tasks(episodes),
-            "episodes": episodes,
-            "overall": rate_summary(sum(e["success"] for e in episodes), len(episodes)),
-            "timing": summarize_timing(episodes, wall),
-        }
-        tmp = self.json_path.with_name(f".{self.json_path.name}.tmp")
-        tmp.write_text(json.dumps(doc, indent=1))
-        os.replace(tmp, self.json_path)
+        # A resumed run keeps the peak of its earlier sessions: the header carries it from the loaded file.
+        self.header["memory"] = peak_memory(self.header.get("memory"), process_memory())
+        write_atomic(self.json_path, json.dumps(summary_document(self.header, self.episodes, status, wall), indent=1))
