@@ -10,6 +10,9 @@ from policies.base import ObservationBatch, ObsMode, Policy, collate
 REGISTRY: dict[str, str] = {
     "scripted_expert": "policies.scripted_expert:ScriptedExpert",
     "embedded": "policies.embedded:EmbeddedPolicy",
+    "remote": "policies.remote:RemotePolicy",
+    "openpi_pi05": "policies.openpi_policy:OpenpiPi05",
+    "openpi_pi0": "policies.openpi_policy:OpenpiPi0",
 }
 
 

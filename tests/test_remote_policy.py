@@ -1,0 +1,182 @@
+"""Remote policies: the openpi wire format, a real policy server on loopback, rollouts through policy=remote."""
+
+from __future__ import annotations
+
+import json
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+from websockets.sync.client import connect
+
+from policies.embedded import EmbeddedPolicy
+from policies.remote import PolicyServerError, RemotePolicy, batch_of, pack, parse_address, request_of, unpack
+from tests.test_embedded_policy import batch
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVE, MAIN = ROOT / "scripts" / "serve_policy.py", ROOT / "examples" / "libero" / "main.py"
+ROLLOUT = ["tasks=[0]", "trials_per_task=1", "suite.max_steps=30", "progress=false"]
+
+
+@contextmanager
+def policy_server(tmp_path: Path, *overrides: str):
+    """scripts/serve_policy.py on a free loopback port; yields (address, path of its log)."""
+    log = tmp_path / "server.log"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen([sys.executable, str(SERVE), "port=0", f"results_dir={tmp_path}", *overrides],
+                                stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=ROOT)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        line = ""
+        while " on ws://" not in line:
+            ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            assert ready and proc.poll() is None, f"server did not start:\n{log.read_text()}"
+            line = proc.stdout.readline()
+        yield line.split(" on ")[-1].strip(), log
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, log.read_text()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rollout(tmp_path: Path, address: str) -> dict:
+    overrides = ["policy=remote", f"policy.path={address}", f"results_dir={tmp_path}", *ROLLOUT]
+    result = subprocess.run(
+        [sys.executable, str(MAIN), *overrides], check=False, capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(Path(result.stdout.strip().splitlines()[-1].removeprefix("results: ")).read_text())
+
+
+# -- the wire format ------------------------------------------------------------------------------------------------
+
+
+def test_codec_uses_openpi_array_layout():
+    arrays = {"u8": np.arange(12, dtype=np.uint8).reshape(2, 2, 3), "f32": np.linspace(0, 1, 7, dtype=np.float32),
+              "i64": np.array([[-1, 2]], dtype=np.int64), "scalar": np.float32(0.5)}  # fmt: skip
+    decoded = unpack(pack(arrays))
+    for key, value in arrays.items():
+        assert decoded[key].dtype == value.dtype and np.array_equal(decoded[key], value)
+    raw = msgpack.unpackb(pack({"a": arrays["f32"]}))["a"]
+    assert raw == {b"__ndarray__": True, b"data": arrays["f32"].tobytes(), b"dtype": "<f4", b"shape": [7]}
+    # A reply framed by hand the way openpi's msgpack_numpy frames one.
+    actions = np.ones((5, 7), dtype=np.float32)
+    foreign = msgpack.packb(
+        {"actions": {b"__ndarray__": True, b"data": actions.tobytes(), b"dtype": "<f4", b"shape": (5, 7)}}
+    )
+    assert np.array_equal(unpack(foreign)["actions"], actions)
+    with pytest.raises(TypeError, match="dtype object"):
+        pack(np.array([None]))
+
+
+def test_requests_carry_libero_keys_and_round_trip():
+    rows = batch([3, 4], [0, 5])
+    rows.images = {"agentview": np.zeros((2, 8, 8, 3), np.uint8), "wrist": np.ones((2, 8, 8, 3), np.uint8)}
+    rows.object_names = [["bowl", "plate"], ["ketchup", "basket"]]
+    request = unpack(pack(request_of(rows, 1, reset=True)))
+    assert {"observation/image", "observation/wrist_image", "observation/state", "prompt", "observation/object_poses",
+            "observation/object_names", "harness/episode_id", "harness/reset"} <= set(request)  # fmt: skip
+    back = batch_of(request, episode_id="unused", step=-1)
+    assert back.episode_ids == ["ep1"] and back.episode_seeds == [4] and back.steps == [5]
+    assert back.object_names == [["ketchup", "basket"]]
+    assert np.array_equal(back.state[0], rows.state[1]) and np.array_equal(
+        back.images["wrist"][0], rows.images["wrist"][1]
+    )
+    assert np.array_equal(back.object_poses[0], rows.object_poses[1]) and back.instructions == [rows.instructions[1]]
+
+
+def test_only_ws_host_port_addresses_are_accepted():
+    assert parse_address("ws://127.0.0.1:8000") == ("127.0.0.1", 8000)
+    for bad in ("127.0.0.1:8000", "http://h:1", "ws://h", "ws://h:1/path", "ws://h:99999"):
+        with pytest.raises(PolicyServerError, match="ws://HOST:PORT"):
+            parse_address(bad)
+
+
+# -- a real server --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def embedded_server(tmp_path_factory):
+    with policy_server(tmp_path_factory.mktemp("serve_fp"), "policy=embedded") as (address, _):
+        yield address
+
+
+def test_remote_predictions_match_the_in_process_policy(embedded_server):
+    remote, local = RemotePolicy(embedded_server), EmbeddedPolicy()
+    rows = batch([0, 1, 2], [0, 5, 10])
+    np.testing.assert_allclose(remote.predict(rows), local.predict(rows), atol=1e-5)
+    assert remote.obs_mode is local.obs_mode and remote.chunk_size == local.chunk_size == 10
+    described = remote.describe()
+    assert described["server"] == embedded_server
+    assert described["server_metadata"]["weights_sha256"] == local.describe()["weights_sha256"]
+    assert described["server_metadata"]["quant"] == {"mode": "fp"}
+
+
+def test_server_traceback_becomes_one_line_and_the_next_call_reconnects(embedded_server):
+    remote = RemotePolicy(embedded_server)
+    no_poses = batch([0], [0])
+    no_poses.object_poses = None
+    with pytest.raises(PolicyServerError) as caught:
+        remote.predict(no_poses)
+    assert "\n" not in str(caught.value)
+    assert str(caught.value).endswith(
+        "failed: ValueError: the embedded policy reads object poses: build the env in 'state' observation mode"
+    )
+    assert remote.predict(batch([0], [0])).shape == (1, 10, 7)
+
+
+def test_a_client_without_harness_keys_is_served(embedded_server):
+    rows = batch([0], [0])
+    request = {"observation/state": rows.state[0], "prompt": rows.instructions[0],
+               "observation/object_poses": rows.object_poses[0], "observation/object_names": ["a", "b"]}  # fmt: skip
+    with connect(embedded_server, compression=None, max_size=None) as ws:  # as openpi_client connects
+        assert unpack(ws.recv(timeout=30))["policy"] == "embedded"
+        ws.send(pack(request))
+        reply = unpack(ws.recv(timeout=60))
+    assert reply["actions"].shape == (10, 7) and reply["server_timing"]["infer_ms"] > 0
+
+
+def test_rollout_through_policy_remote(embedded_server, tmp_path):
+    doc = rollout(tmp_path, embedded_server)
+    (episode,) = doc["episodes"]
+    assert episode["error"] is None and episode["steps"] == 30 and episode["policy_calls"] == 6
+    assert doc["policy"]["name"] == "remote" and doc["policy"]["server_metadata"]["policy"] == "embedded"
+    assert doc["protocol"]["obs_mode"] == "state" and doc["protocol"]["chunk_size"] == 10
+
+
+def test_quantized_server_calibrates_on_the_first_real_requests(tmp_path):
+    quant = ["quant=w4a8", "quant.calib_steps=2", "quant.scope=expert_mlp", "quant.rotation_steps=16"]
+    with policy_server(tmp_path, "policy=embedded", *quant) as (address, log):
+        remote = RemotePolicy(address)
+        chunks = [remote.predict(batch([0], [step])) for step in (0, 5, 10)]  # 2 calibrate (FP), then quantized
+        after = RemotePolicy(address).describe()["server_metadata"]["quant"]
+    before = remote.describe()["server_metadata"]["quant"]
+    assert before["calibrated"] is False and before["config"]["w_bits"] == 4 and before["config"]["calib_steps"] == 2
+    assert after["calibrated"] is True and after["layers_quantized"] == 9  # 3 expert layers x gate/up/down
+    assert "calibrated on 2 requests: 9 layers quantized" in log.read_text()
+    assert all(np.isfinite(c).all() for c in chunks) and any((tmp_path / "duquant_packs").iterdir())
+
+
+def test_no_server_is_a_bounded_one_line_failure():
+    address = f"ws://127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    with pytest.raises(PolicyServerError, match=f"no policy server at {address} after 2 attempts"):
+        RemotePolicy(address, connect_attempts=2, retry_wait_s=0.2)
+    assert time.monotonic() - start < 5
+    result = subprocess.run([sys.executable, str(MAIN), "policy=remote", f"policy.path={address}"],
+                            check=False, capture_output=True, text=True, timeout=120, cwd=ROOT)  # fmt: skip
+    assert result.returncode == 2 and result.stderr.startswith(f"error: no policy server at {address} after 3 attempts")
+    assert len(result.stderr.strip().splitlines()) == 1
