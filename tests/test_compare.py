@@ -42,7 +42,7 @@ CANDIDATE = {**{(t, e): e < 5 or e >= 5 + (t == 0) for t in (0, 1) for e in rang
 
 
 def compare(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture()
