@@ -21,10 +21,18 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from examples.libero.results import ResultsError, peak_memory, read_results, summary_document, write_atomic  # noqa: E402
+from examples.libero.results import (  # noqa: E402
+    EXECUTION_KEYS,
+    ResultsError,
+    config_differences,
+    peak_memory,
+    read_results,
+    summary_document,
+    write_atomic,
+)
 
-# Config keys that say how a run was executed, not what it measured.
-MERGE_FREE_KEYS = ("shard", "resume", "progress", "num_envs", "step_timeout_s", "results_dir")
+# Besides what a resumed run may change, shards differ in their shard and may write to different folders.
+MERGE_FREE_KEYS = (*EXECUTION_KEYS, "shard", "results_dir")
 SIMULATOR_KEYS = ("mujoco", "robosuite", "libero")
 
 
@@ -32,28 +40,11 @@ class MergeRefused(ValueError):
     pass
 
 
-def flatten(config: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def measured_config(doc: dict) -> dict:
-    """The config keys that define what a run measured, flattened (``suite.max_steps``)."""
-    return flatten({k: v for k, v in doc["config"].items() if k not in MERGE_FREE_KEYS})
-
-
 def check_compatible(paths: list[Path], docs: list[dict]) -> None:
     """Refuse shards that are not pieces of one evaluation."""
     base_path, base = paths[0], docs[0]
-    base_config = measured_config(base)
     for path, doc in zip(paths[1:], docs[1:]):
-        config = measured_config(doc)
-        diff = sorted(k for k in base_config.keys() | config.keys() if base_config.get(k) != config.get(k))
+        diff = config_differences(base["config"], doc["config"], MERGE_FREE_KEYS)
         if diff:
             raise MergeRefused(
                 f"{path} is not a shard of the same run as {base_path}: config differs in {', '.join(diff)}"

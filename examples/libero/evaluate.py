@@ -21,7 +21,7 @@ from tqdm import tqdm
 from examples.libero.config import RunConfig, parse_shard
 from examples.libero.env import Task, load_task
 from examples.libero.quantize import CalibratingPolicy, describe_layers
-from examples.libero.results import ResultsFile, git_state, now_iso, versions
+from examples.libero.results import ResultsFile, config_differences, git_state, now_iso, versions
 from examples.libero.rollout import EpisodeOutcome, Protocol
 from examples.libero.scheduler import EpisodeInfo, Job, Scheduler
 from examples.libero.workers import EnvSpec, start_workers
@@ -29,11 +29,6 @@ from policies import Policy, make_policy
 from policies.base import weights_sha256
 
 log = logging.getLogger(__name__)
-
-# Keys that may differ between an interrupted run and its resumption: how it runs, not what it measures. (A
-# quantized run calibrates on one worker whatever their count.)
-RESUME_FREE_KEYS = ("resume", "progress", "num_envs", "step_timeout_s")
-
 
 class ResumeMismatch(ValueError):
     pass
@@ -118,10 +113,9 @@ class Evaluation:
 
     def _resumed_results(self) -> ResultsFile:
         results = ResultsFile.load(Path(self.cfg.resume))
-        before = {k: v for k, v in (results.header.get("config") or {}).items() if k not in RESUME_FREE_KEYS}
-        now = {k: v for k, v in self.resolved_config.items() if k not in RESUME_FREE_KEYS}
-        if before != now:
-            diff = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+        # Only how the run executes may change (a quantized run calibrates on one worker whatever their count).
+        diff = config_differences(results.header.get("config") or {}, self.resolved_config)
+        if diff:
             raise ResumeMismatch(f"resume: config differs from the interrupted run in {', '.join(diff)}")
         return results
 

@@ -27,6 +27,25 @@ TOP_LEVEL_KEYS = (
     "policy", "quant", "protocol", "tasks", "episodes", "overall", "timing", "memory",
 )  # fmt: skip
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# Config keys that say how a run executes, not what it measures: a resumed run may change them.
+EXECUTION_KEYS = ("resume", "progress", "num_envs", "step_timeout_s")
+
+
+def config_differences(a: dict, b: dict, ignore: tuple[str, ...] = EXECUTION_KEYS) -> list[str]:
+    """The keys, dotted (``suite.max_steps``), whose values differ between two recorded configs, top-level
+    ``ignore`` keys aside."""
+    flat_a, flat_b = (_flatten({k: v for k, v in c.items() if k not in ignore}) for c in (a, b))
+    return sorted(k for k in flat_a.keys() | flat_b.keys() if flat_a.get(k) != flat_b.get(k))
+
+
+def _flatten(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def wilson_interval(successes: int, n: int) -> list[float] | None:
@@ -204,9 +223,7 @@ class ResultsFile:
             except json.JSONDecodeError:
                 torn = True  # a line cut by a hard kill: that episode simply runs again
         if torn:  # drop it, or the next append would be glued onto it
-            tmp = jsonl.with_name(f".{jsonl.name}.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-            os.replace(tmp, jsonl)
+            write_atomic(jsonl, "".join(json.dumps(r) + "\n" for r in records))
         latest = {(r["task_id"], r["episode"]): r for r in records}  # a rescored record supersedes its first run
         return cls(json_path, header, list(latest.values()))
 
