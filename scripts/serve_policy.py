@@ -73,6 +73,11 @@ class PolicyServer:
             self.calibrator = CalibratingPolicy(policy, cfg.quant, Path(cfg.results_dir) / "duquant_packs")
         self._lock = threading.Lock()
         self._connection_ids = itertools.count()
+        checkpoint = policy.checkpoint
+        # Hashing the weights and describing the policy once, not on every connection: neither changes.
+        self._policy_record = {"policy": policy.name, "obs_mode": policy.obs_mode.value,
+                               "chunk_size": policy.chunk_size, "checkpoint": checkpoint,
+                               "weights_sha256": weights_sha256(checkpoint), "describe": policy.describe()}  # fmt: skip
 
     @property
     def served(self) -> Policy:
@@ -85,10 +90,7 @@ class PolicyServer:
             report = self.calibrator.report or {}
             quant.update(config=self.cfg.quant.to_dict(), calibrated=self.calibrator.calibrated,
                          layers_quantized=report.get("layers_quantized"), average_sqnr_db=report.get("average_sqnr_db"))  # fmt: skip
-        checkpoint = self.policy.checkpoint
-        return {"policy": self.policy.name, "obs_mode": self.policy.obs_mode.value, "chunk_size": self.policy.chunk_size,
-                "checkpoint": checkpoint, "weights_sha256": weights_sha256(checkpoint),
-                "describe": self.policy.describe(), "quant": quant}  # fmt: skip
+        return {**self._policy_record, "quant": quant}
 
     def infer(self, request: dict, connection: str, requests: int) -> np.ndarray:
         # A client that sends no harness keys (e.g. openpi's LIBERO example) gets one episode per connection.
