@@ -86,8 +86,7 @@ class QuantConfig:
     act_percentile: float = 99.9
     row_rotation: str = "none"
     calib_steps: int = 32
-    # Input rows sampled per layer for fitting the rotations. The greedy search costs rows x steps x b^2: on the
-    # embedded policy 512 rows fit ~3x faster than 2048 for ~5% more W4A4 action error (README, calibration).
+    # Input rows sampled per layer for fitting the rotations; the greedy search costs rows x steps x b^2.
     calib_max_tokens: int = 512
     seed: int = 0
     scope: str = "default"
