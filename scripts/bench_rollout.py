@@ -62,13 +62,13 @@ def single_process_loop(args: argparse.Namespace, cameras: bool, protocol: Proto
     return {"workers": "loop", "startup_s": startup, **rates(steps, args.episodes, wall)}
 
 
-def workers_run(args: argparse.Namespace, cameras: bool, protocol: Protocol, n: int) -> dict:
+def workers_run(args: argparse.Namespace, cameras: bool, protocol: Protocol, n: int, join_rounds: int) -> dict:
     """N spawned workers under the evaluation scheduler (one batched policy call per round)."""
     start = time.perf_counter()
     workers = [ProcessWorker(spec(args, cameras), step_timeout_s=60.0) for _ in range(n)]
     instruction = load_task(SUITE, TASK)[0].instruction
     scheduler = Scheduler(workers, ScriptedExpert(), protocol, lambda job: EpisodeInfo(f"ep{job.episode}", 0, instruction),
-                          threading.Event())  # fmt: skip
+                          threading.Event(), join_rounds)  # fmt: skip
     try:
         scheduler.prepare(TASK)
         startup = time.perf_counter() - start
@@ -79,7 +79,7 @@ def workers_run(args: argparse.Namespace, cameras: bool, protocol: Protocol, n: 
     finally:
         for worker in workers:
             worker.close()
-    return {"workers": n, "startup_s": startup, **rates(sum(o.steps for o in outcomes), len(outcomes), wall)}
+    return {"workers": n, "join_rounds": join_rounds, "startup_s": startup, **rates(sum(o.steps for o in outcomes), len(outcomes), wall)}
 
 
 def rates(steps: int, episodes: int, wall: float) -> dict:
@@ -124,6 +124,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--modes", nargs="+", choices=("physics", "cameras"), default=["physics", "cameras"])
     p.add_argument("--workers", nargs="+", type=int, default=None, help="worker counts (default: 1..cores)")
     p.add_argument("--episodes", type=int, default=None, help="episodes per measurement (default: 2 x max workers)")
+    p.add_argument("--join-rounds", nargs="+", type=int, default=[0, 15],
+                   help="scheduler join_rounds values to compare with 2+ workers (default: 0 15)")
     p.add_argument("--max-steps", type=int, default=60, help="policy-driven steps per episode (default: 60)")
     p.add_argument("--camera-size", type=int, default=128, help="camera resolution with cameras (default: 128)")
     p.add_argument("--reset", choices=("hard", "soft"), default="hard")
@@ -144,14 +146,15 @@ def main(argv: list[str] | None = None) -> int:
         base = single_process_loop(args, cameras, protocol)
         rows.append({"mode": mode, **base, "speedup": 1.0})
         for n in counts:
-            row = workers_run(args, cameras, protocol, n)
-            rows.append({"mode": mode, **row, "speedup": row["steps_per_s"] / base["steps_per_s"]})
+            for join_rounds in args.join_rounds if n > 1 else args.join_rounds[:1]:  # one worker never waits
+                row = workers_run(args, cameras, protocol, n, join_rounds)
+                rows.append({"mode": mode, **row, "speedup": row["steps_per_s"] / base["steps_per_s"]})
     breakdown = step_breakdown(args) if "cameras" in args.modes else None
-    print("| mode | workers | env steps/s | episodes/min | speed-up | start-up s |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| mode | workers | join_rounds | env steps/s | episodes/min | speed-up | start-up s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['mode']} | {r['workers']} | {r['steps_per_s']:.1f} | {r['episodes_per_min']:.1f} | "
-              f"{r['speedup']:.2f}x | {r['startup_s']:.1f} |")  # fmt: skip
+        print(f"| {r['mode']} | {r['workers']} | {r.get('join_rounds', '')} | {r['steps_per_s']:.1f} | "
+              f"{r['episodes_per_min']:.1f} | {r['speedup']:.2f}x | {r['startup_s']:.1f} |")  # fmt: skip
     if breakdown:
         print(
             f"one camera step ({args.camera_size} px): physics {breakdown['physics_ms']:.1f} ms, render "

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from test_runner import MAIN, ROOT, Recording, cli, make_run
 
-from examples.libero.evaluate import Evaluation
+from examples.libero.evaluate import Evaluation, episode_id
 from examples.libero.rollout import EpisodeState, Protocol, ask
 from policies.base import ObservationBatch, Policy, collate
 from policies.scripted_expert import ScriptedExpert
@@ -69,7 +69,7 @@ def test_two_workers_reproduce_the_in_process_run(tmp_path):
     (one, one_batches), (two, two_batches) = runs[1], runs[2]
 
     assert max(len(b) for b in one_batches) == 1 and max(len(b) for b in two_batches) == 2
-    assert two["execution"] == {"num_envs": 2} and one["status"] == two["status"] == "complete"
+    assert two["execution"] == {"num_envs": 2, "join_rounds": 0} and one["status"] == two["status"] == "complete"
     assert set(one) == set(two) and [set(e) for e in one["episodes"]] == [set(e) for e in two["episodes"]]
     same = ("task_id", "episode", "seed", "success", "steps", "policy_calls", "error")
     assert [{k: e[k] for k in same} for e in one["episodes"]] == [{k: e[k] for k in same} for e in two["episodes"]]
@@ -80,6 +80,23 @@ def test_two_workers_reproduce_the_in_process_run(tmp_path):
         for (_, state, poses), (_, state2, poses2) in zip(rows, rows_two[eid]):
             np.testing.assert_array_equal(state, state2)
             np.testing.assert_array_equal(poses, poses2)
+
+
+@pytest.mark.parametrize("join_rounds, chosen", [(0, 0), (None, 15)])  # None: physics-only hard resets -> 15
+def test_batches_are_counted_in_rounds_not_by_which_worker_replied_first(tmp_path, join_rounds, chosen):
+    # Hard resets: a worker's reset time varies run to run, so a scheduler that did not wait would batch by it.
+    cfg, resolved = make_run(["policy=scripted_expert", "suite=libero_spatial", "progress=false", "tasks=[0]",
+                              "trials_per_task=3", "suite.max_steps=15", "num_envs=2", f"join_rounds={'null' if join_rounds is None else join_rounds}",
+                              f"results_dir={tmp_path}"])  # fmt: skip
+    policy = Recording(ScriptedExpert())
+    doc = json.loads(Evaluation(cfg, resolved, policy=policy).run().read_text())
+
+    assert doc["execution"] == {"num_envs": 2, "join_rounds": chosen}
+    eid = [episode_id("libero_spatial", 0, episode) for episode in range(3)]
+    # Episodes 0 and 1 start together and share every call; episode 2 takes the first free worker.
+    together = [[(eid[0], step), (eid[1], step)] for step in (0, 5, 10)]
+    alone = [[(eid[2], step)] for step in (0, 5, 10)]
+    assert [list(zip(b.episode_ids, b.steps)) for b in policy.batches] == together + alone
 
 
 class Sabotage(Policy):
@@ -174,7 +191,7 @@ def test_shards_partition_the_ordered_episode_list(tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [("shard=4/4", "shard must be"), ("shard=1-4", "shard must be"), ("num_envs=0", "num_envs"),
-     ("step_timeout_s=0", "step_timeout_s"), ("protocol.reset=warm", "protocol.reset"),
+     ("step_timeout_s=0", "step_timeout_s"), ("join_rounds=-1", "join_rounds"), ("protocol.reset=warm", "protocol.reset"),
      ("protocol.render_quality=ultra", "protocol.render_quality")],
 )  # fmt: skip
 def test_bad_worker_settings_fail_early(override, message):

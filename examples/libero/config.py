@@ -99,12 +99,15 @@ class RunConfig:
     results_dir: str = "results"
     progress: bool = True
     num_envs: Optional[int] = None  # simulator worker processes; None = one per core, capped by the episodes
+    join_rounds: Optional[int] = None  # rounds a starting episode sits out so others go on; None = from the reset
     step_timeout_s: float = 60.0  # a worker silent this long per env step is deemed hung and restarted
     shard: Optional[str] = None  # "i/n": run every n-th episode of the run's ordered list, starting at i
 
     def __post_init__(self) -> None:
         if self.num_envs is not None and self.num_envs < 1:
             raise ConfigError(f"num_envs must be >= 1 (or null for one per core), got {self.num_envs}")
+        if self.join_rounds is not None and self.join_rounds < 0:
+            raise ConfigError(f"join_rounds must be >= 0 (or null to choose from the reset), got {self.join_rounds}")
         if self.step_timeout_s <= 0:
             raise ConfigError(f"step_timeout_s must be > 0, got {self.step_timeout_s}")
         parse_shard(self.shard)

@@ -23,7 +23,7 @@ from examples.libero.env import Task, load_task
 from examples.libero.quantize import CalibratingPolicy, describe_layers
 from examples.libero.results import ResultsFile, config_differences, git_state, now_iso, versions
 from examples.libero.rollout import EpisodeOutcome, Protocol
-from examples.libero.scheduler import EpisodeInfo, Job, Scheduler
+from examples.libero.scheduler import EpisodeInfo, Job, Scheduler, default_join_rounds
 from examples.libero.workers import EnvSpec, start_workers
 from policies import Policy, make_policy
 from policies.base import weights_sha256
@@ -134,9 +134,15 @@ class Evaluation:
         return EpisodeInfo(episode_id(suite, job.task_id, job.episode), episode_seed(self.cfg.seed, job.task_id, job.episode),
                            instruction)  # fmt: skip
 
+    @property
+    def join_rounds(self) -> int:
+        if self.cfg.join_rounds is not None:
+            return self.cfg.join_rounds
+        return default_join_rounds(self.cfg.protocol.reset, cameras=self._env_spec().renders)
+
     def _scheduler(self, num_envs: int) -> Scheduler:
         workers = start_workers(self._env_spec(), num_envs, self.cfg.step_timeout_s)
-        return Scheduler(workers, self._policy(), self.protocol, self._describe, self.stop)
+        return Scheduler(workers, self._policy(), self.protocol, self._describe, self.stop, self.join_rounds)
 
     # -- the run ------------------------------------------------------------------------------------------------
 
@@ -152,7 +158,7 @@ class Evaluation:
                 scheduler.prepare(pending[0].task_id)  # fail on rendering before any file is written
             if results is None:
                 results = self._create_results()
-            results.update(execution={"num_envs": self.num_envs})
+            results.update(execution={"num_envs": self.num_envs, "join_rounds": self.join_rounds})
             self._policy().reset()  # once per run: policies keep per-episode state by episode id
             if self.calibrator is not None and self.cfg.resume is not None:
                 self._replay_calibration(results)

@@ -28,7 +28,7 @@ TOP_LEVEL_KEYS = (
 )  # fmt: skip
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Config keys that say how a run executes, not what it measures: a resumed run may change them.
-EXECUTION_KEYS = ("resume", "progress", "num_envs", "step_timeout_s")
+EXECUTION_KEYS = ("resume", "progress", "num_envs", "join_rounds", "step_timeout_s")
 
 
 def config_differences(a: dict, b: dict, ignore: tuple[str, ...] = EXECUTION_KEYS) -> list[str]:

@@ -1,14 +1,21 @@
 """Episodes over simulator workers, with one batched policy call per round.
 
 Each worker runs one episode at a time, taken in order from a shared job
-list. An episode whose chunk is done waits for an action; the policy is
-called, once for all waiting episodes, when no worker is executing a chunk,
-so every episode that could join the batch has. A worker starting an episode
-is not waited for (a hard reset costs ~50 chunks of physics on CPU); it joins
-a later round. While ``serial()`` holds (a quantized policy calibrating),
-only the first worker takes episodes, one at a time: the policy then sees
-exactly the observations of a one-worker run, so calibration, and with it a
-quantized run's results, does not depend on the number of workers.
+list. A round waits for the reply of every episode due in it, then calls the
+policy once for all of them. Rounds are counted, not timed: which episodes
+share a policy call depends on the job list, the episodes' lengths and
+``join_rounds``, never on how fast a worker happened to be, so a rerun with
+the same settings makes the same calls (batched forwards differ from batch-1
+ones in the last bits, and a learned policy can amplify that).
+
+A starting episode is due ``join_rounds`` rounds after it began: with 0 the
+other workers wait for its reset; a larger value lets them go on meanwhile,
+and if the reset takes longer still, the round waits for it then
+(:func:`default_join_rounds`). While ``serial()`` holds (a
+quantized policy calibrating), only the first worker takes episodes, one at
+a time: the policy then sees exactly the observations of a one-worker run,
+so calibration, and with it a quantized run's results, does not depend on
+the number of workers.
 
 A worker's reply is the episode's next observation (IPC once per chunk, not
 per step); a crashed or hung worker is restarted and its episode recorded
@@ -32,6 +39,15 @@ from policies.base import Policy
 POLL_S = 0.5  # longest wait for a reply before the stop event is checked again
 
 
+def default_join_rounds(reset: str, cameras: bool) -> int:
+    """Rounds that hide a reset behind the other workers' rounds: chosen from the settings, not measured, so
+    runs stay reproducible. A hard reset takes ~2.7 s on CPU, about 15 physics-only rounds (5 steps of ~23 ms
+    plus a policy call) or 2 rounds with cameras (~340 ms a step); a soft reset takes ~0.05 s."""
+    if reset == "soft":
+        return 0
+    return 2 if cameras else 15
+
+
 @dataclass(frozen=True)
 class Job:
     task_id: int
@@ -52,6 +68,7 @@ class _Running:
     worker: int  # index into the scheduler's workers
     state: EpisodeState
     order: int  # rows of a batch keep the order their episodes started in
+    due: int  # the first round the episode takes part in
     started: float
 
 
@@ -63,9 +80,10 @@ class Scheduler:
         protocol: Protocol,
         describe: Callable[[Job], EpisodeInfo],
         stop: threading.Event,
+        join_rounds: int = 0,
     ):
         self.workers, self.policy, self.protocol = workers, policy, protocol
-        self.describe, self.stop = describe, stop
+        self.describe, self.stop, self.join_rounds = describe, stop, join_rounds
         self._order = itertools.count()
 
     def prepare(self, task_id: int) -> None:
@@ -85,40 +103,50 @@ class Scheduler:
     ) -> None:
         """Run ``jobs`` (``on_finished`` may append more) until none is left; a set stop event raises KeyboardInterrupt."""
         running: dict[int, _Running] = {}  # by worker index
-        waiting: list[_Running] = []
+        inbox: dict[int, EnvProgress | CommandFailed | None] = {}  # replies held until their episode is due
+        round_ = 0
         while jobs or running:
             if self.stop.is_set():
                 raise KeyboardInterrupt
             one_at_a_time = serial()
             for index in range(1 if one_at_a_time else len(self.workers)):
                 if index not in running and jobs:
-                    running[index] = self._begin(index, jobs.popleft())
-            busy = [r for r in running.values() if self.workers[r.worker].busy]
-            executing = any(r.state.obs is not None for r in busy)
-            if executing or (busy and (one_at_a_time or not waiting)):
-                for index, reply in self._replies():
-                    episode = running[index]
-                    self._settle(episode, reply)
-                    if not episode.state.finished:
-                        waiting.append(episode)
-                    else:
-                        del running[index]
-                        on_finished(episode.job, episode.state.outcome, time.perf_counter() - episode.started)
+                    delay = 0 if one_at_a_time else self.join_rounds
+                    running[index] = self._begin(index, jobs.popleft(), round_ + delay)
+            due = sorted((r for r in running.values() if r.due <= round_), key=lambda r: r.order)
+            if not due:  # every episode is starting: no round can happen before the first is due
+                round_ = min(r.due for r in running.values())
                 continue
-            batch, waiting = sorted(waiting, key=lambda r: r.order), []
+            if any(r.worker not in inbox for r in due):
+                inbox.update(self._replies())
+                continue
+            batch = []
+            for episode in due:
+                self._settle(episode, inbox.pop(episode.worker))
+                if episode.state.finished:
+                    self._finish(running, episode, on_finished)
+                else:
+                    batch.append(episode)
             planned = {id(state): actions for state, actions in ask(self.policy, [r.state for r in batch])}
             for episode in batch:
                 if not episode.state.finished:
                     self.workers[episode.worker].submit(Execute(planned[id(episode.state)]))
                 else:  # the policy call failed for this row
-                    del running[episode.worker]
-                    on_finished(episode.job, episode.state.outcome, time.perf_counter() - episode.started)
+                    self._finish(running, episode, on_finished)
+            round_ += 1
 
-    def _begin(self, index: int, job: Job) -> _Running:
+    @staticmethod
+    def _finish(
+        running: dict[int, _Running], episode: _Running, on_finished: Callable[[Job, EpisodeOutcome, float], None]
+    ) -> None:
+        del running[episode.worker]
+        on_finished(episode.job, episode.state.outcome, time.perf_counter() - episode.started)
+
+    def _begin(self, index: int, job: Job, due: int) -> _Running:
         info = self.describe(job)
         state = EpisodeState(info.episode_id, info.seed, info.instruction, self.protocol)
         self.workers[index].submit(Begin(job.task_id, job.episode))
-        return _Running(job, index, state, next(self._order), time.perf_counter())
+        return _Running(job, index, state, next(self._order), due, time.perf_counter())
 
     def _replies(self) -> list[tuple[int, EnvProgress | CommandFailed | None]]:
         """(worker index, reply) of busy workers, waiting up to POLL_S for one; an overdue worker's reply is its failure."""

@@ -25,6 +25,7 @@ import numpy as np
 
 from examples.libero.env import LiberoEnv, RenderingUnavailable, Task, load_task
 from examples.libero.rollout import EnvProgress, begin, execute
+from policies.base import ObsMode
 
 STARTUP_S = 120.0  # a fresh worker imports torch, robosuite and LIBERO first: up to a minute on a loaded machine
 
@@ -43,6 +44,10 @@ class EnvSpec:
     render_quality: str
     num_steps_wait: int
     record_video: bool
+
+    @property
+    def renders(self) -> bool:
+        return ObsMode(self.obs_mode) is ObsMode.RGB if self.render is None else self.render
 
     def build(self, task: Task) -> LiberoEnv:
         return LiberoEnv(task, self.obs_mode, seed=self.seed, camera_size=self.camera_size, image_size=self.image_size,
