@@ -1,9 +1,14 @@
 """Roll out the scripted expert and keep its successful episodes as a demo dataset.
 
     python scripts/collect_demos.py --suites libero_spatial libero_object --init-states 50 --seeds 0
+    python scripts/collect_demos.py --action-noise 0.2 --seeds 1 --out data/demos_noisy
 
 Episodes run physics-only under the evaluation protocol (``run_episode``), one
-worker process per core, each building its own envs. Writes ``demos.npz`` and
+worker process per core, each building its own envs. With ``--action-noise``
+the arm executes the expert's actions plus Gaussian noise while the dataset
+keeps the expert's own actions (DART, Laskey et al. 2017): the demos then
+show how the expert recovers from the small deviations a learned policy
+makes, not only its own noise-free path. Writes ``demos.npz`` and
 ``manifest.json`` into ``--out``:
 
 per step (grouped by episode, in episode order):
@@ -25,7 +30,8 @@ import os
 import platform
 import sys
 import time
-from collections import defaultdict
+import zlib
+from collections import defaultdict, deque
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -38,7 +44,7 @@ if str(ROOT) not in sys.path:
 
 from examples.libero.env import LiberoEnv, load_task  # noqa: E402
 from examples.libero.rollout import Protocol, run_episode  # noqa: E402
-from policies.base import ObsMode, file_sha256  # noqa: E402
+from policies.base import ObservationBatch, ObsMode, Policy, file_sha256  # noqa: E402
 from policies.scripted_expert import ScriptedExpert  # noqa: E402
 
 DEFAULT_SUITES = ("libero_spatial", "libero_object")
@@ -51,6 +57,34 @@ class Job:
     init_state: int
     seed: int
     max_steps: int
+    action_noise: float = 0.0
+
+    @property
+    def episode_id(self) -> str:
+        return f"{self.suite}/{self.task_id}/{self.init_state}/{self.seed}"
+
+
+class NoisyExpert(Policy):
+    """The scripted expert, its chunks perturbed for execution; ``labels`` keeps what it asked for.
+
+    Noise goes on the arm's motion only (the six pose dimensions); the gripper
+    command stays the expert's, as a flipped open/close is no small deviation.
+    """
+
+    def __init__(self, expert: ScriptedExpert, std: float, rng: np.random.Generator):
+        self.expert, self.std, self.rng = expert, std, rng
+        self.name, self.obs_mode, self.chunk_size = expert.name, expert.obs_mode, expert.chunk_size
+        self.labels: deque[np.ndarray] = deque()
+
+    def reset(self) -> None:
+        self.expert.reset()
+
+    def predict(self, batch: ObservationBatch) -> np.ndarray:
+        chunks = self.expert.predict(batch)
+        self.labels = deque(chunks[0].astype(np.float32))
+        noisy = chunks.copy()
+        noisy[..., :6] = np.clip(noisy[..., :6] + self.rng.normal(0.0, self.std, noisy[..., :6].shape), -1.0, 1.0)
+        return noisy
 
 
 @dataclass
@@ -84,7 +118,7 @@ def plan(args: argparse.Namespace) -> list[Job]:
         for task_id in args.tasks if args.tasks is not None else range(bench.n_tasks):
             stop = min(args.first_init_state + args.init_states, len(bench.get_task_init_states(task_id)))
             init_states = range(args.first_init_state, stop)
-            jobs += [Job(suite, task_id, i, seed, max_steps) for seed in args.seeds for i in init_states]
+            jobs += [Job(suite, task_id, i, seed, max_steps, args.action_noise) for seed in args.seeds for i in init_states]
     return jobs
 
 
@@ -106,16 +140,21 @@ def _env(job: Job) -> tuple[LiberoEnv, np.ndarray]:
 def run_job(job: Job) -> Episode:
     env, init_states = _env(job)
     steps: list[tuple[dict, np.ndarray]] = []
+    if job.action_noise > 0:
+        rng = np.random.default_rng(zlib.crc32(job.episode_id.encode()))
+        policy = NoisyExpert(ScriptedExpert(), job.action_noise, rng)
+
+        def record(obs: dict, action: np.ndarray) -> None:
+            steps.append((obs, policy.labels.popleft()))
+    else:
+        policy = ScriptedExpert()
+
+        def record(obs: dict, action: np.ndarray) -> None:
+            steps.append((obs, np.asarray(action, dtype=np.float32)))
+
     start = time.perf_counter()
-    out = run_episode(
-        env,
-        ScriptedExpert(),
-        init_states[job.init_state],
-        protocol=Protocol(max_steps=job.max_steps),
-        episode_id=f"{job.suite}/{job.task_id}/{job.init_state}/{job.seed}",
-        seed=job.seed,
-        on_step=lambda obs, action: steps.append((obs, np.asarray(action, dtype=np.float32))),
-    )
+    out = run_episode(env, policy, init_states[job.init_state], protocol=Protocol(max_steps=job.max_steps),
+                      episode_id=job.episode_id, seed=job.seed, on_step=record)  # fmt: skip
     return Episode(
         job=job,
         instruction=env.task.instruction,
@@ -200,6 +239,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="env and episode seeds, each over all init states")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes (default: one per core)")
+    p.add_argument("--action-noise", type=float, default=0.0,
+                   help="std of Gaussian noise on the executed arm actions (in [-1, 1] action units); the demos keep "
+                        "the expert's own actions (default: 0, none)")  # fmt: skip
     p.add_argument("--max-steps", type=int, default=None, help="step budget per episode (default: the suite's)")
     p.add_argument("--out", type=Path, default=ROOT / "data" / "demos", help="output directory")
     return p.parse_args(argv)
@@ -233,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": [sys.executable, *sys.argv],
         "versions": versions(),
         "workers": args.workers,
+        "action_noise": args.action_noise,
         "wall_seconds": time.perf_counter() - start,
         "episodes_attempted": len(episodes),
         "episodes_kept": len(kept),

@@ -50,33 +50,46 @@ def chunk_indices(episode_index: np.ndarray, horizon: int) -> np.ndarray:
     return np.minimum(np.arange(n)[:, None] + np.arange(horizon)[None], last[:, None])
 
 
-def load_demos(path: Path, horizon: int, encoder: InstructionEncoder) -> tuple[Demos, dict]:
-    with np.load(path, allow_pickle=False) as data:
-        arrays = {k: data[k] for k in data.files}
-    episode_index = arrays["episode_index"].astype(np.int64)
-    if np.any(np.diff(episode_index) < 0):
-        raise ValueError(f"{path}: steps must be grouped by episode in order")
-    poses = arrays["object_poses"].astype(np.float32)
-    pose_mask = arrays.get("object_mask", np.ones(poses.shape[:2], dtype=bool)).astype(bool)
-    instructions = [str(s) for s in arrays["instruction"]]
+def load_demos(paths: list[Path], horizon: int, encoder: InstructionEncoder) -> tuple[Demos, list[dict]]:
+    """One training set from one or more demo files (e.g. noise-free and noise-injected collections)."""
+    parts, summaries = [], []
+    for path in paths:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+        if np.any(np.diff(arrays["episode_index"]) < 0):
+            raise ValueError(f"{path}: steps must be grouped by episode in order")
+        parts.append(arrays)
+        summaries.append({
+            "path": str(path),
+            "sha256": file_sha256(path),
+            "episodes": len(arrays["instruction"]),
+            "steps": len(arrays["episode_index"]),
+            "suites": sorted({str(s) for s in arrays.get("suite", [])}),
+            "max_objects": int(arrays["object_poses"].shape[1]),
+        })  # fmt: skip
+    k = max(a["object_poses"].shape[1] for a in parts)
+    poses, masks, episode_index, offset = [], [], [], 0
+    for a in parts:
+        n, own = a["object_poses"].shape[:2]
+        padded, mask = np.zeros((n, k, 7), np.float32), np.zeros((n, k), bool)
+        padded[:, :own] = a["object_poses"]
+        mask[:, :own] = a.get("object_mask", np.ones((n, own), dtype=bool))
+        poses.append(padded)
+        masks.append(mask)
+        episode_index.append(a["episode_index"].astype(np.int64) + offset)
+        offset += len(a["instruction"])
+    episodes = np.concatenate(episode_index)
+    instructions = [str(s) for a in parts for s in a["instruction"]]
     demos = Demos(
-        state=torch.as_tensor(arrays["state"], dtype=torch.float32),
-        poses=torch.as_tensor(poses),
-        pose_mask=torch.as_tensor(pose_mask),
-        actions=torch.as_tensor(arrays["actions"], dtype=torch.float32),
-        chunks=torch.as_tensor(chunk_indices(episode_index, horizon)),
-        episode=torch.as_tensor(episode_index),
+        state=torch.as_tensor(np.concatenate([a["state"] for a in parts]), dtype=torch.float32),
+        poses=torch.as_tensor(np.concatenate(poses)),
+        pose_mask=torch.as_tensor(np.concatenate(masks)),
+        actions=torch.as_tensor(np.concatenate([a["actions"] for a in parts]), dtype=torch.float32),
+        chunks=torch.as_tensor(chunk_indices(episodes, horizon)),
+        episode=torch.as_tensor(episodes),
         episode_text=encoder(instructions),
     )
-    summary = {
-        "path": str(path),
-        "sha256": file_sha256(path),
-        "episodes": len(instructions),
-        "steps": len(episode_index),
-        "suites": sorted({str(s) for s in arrays.get("suite", [])}),
-        "max_objects": int(poses.shape[1]),
-    }
-    return demos, summary
+    return demos, summaries
 
 
 def fit_statistics(model: EmbeddedVLA, demos: Demos) -> None:
@@ -111,7 +124,7 @@ def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
 
 def train(args: argparse.Namespace) -> tuple[EmbeddedVLA, dict]:
     config = ModelConfig()
-    demos, data = load_demos(Path(args.demos), config.horizon, InstructionEncoder())
+    demos, data = load_demos([Path(p) for p in args.demos], config.horizon, InstructionEncoder())
     torch.manual_seed(args.seed)  # after loading: the sentence encoder's first load draws from the global RNG
     gen = torch.Generator().manual_seed(args.seed)
     model = EmbeddedVLA(config)
@@ -151,7 +164,8 @@ def train(args: argparse.Namespace) -> tuple[EmbeddedVLA, dict]:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--demos", default="data/demos/demos.npz", help="demos file written by scripts/collect_demos.py")
+    p.add_argument("--demos", nargs="+", default=["data/demos/demos.npz"],
+                   help="demos file(s) written by scripts/collect_demos.py, trained on together")  # fmt: skip
     p.add_argument("--out", default="policies/embedded/weights", help="directory for model.safetensors + recipe.json")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=128)

@@ -157,7 +157,7 @@ def test_layer_names_follow_pi0_layout(policy):
 def test_training_is_reproducible_and_recorded(trained, policy):
     root, argv, recipe = trained
     assert recipe["seed"] == 0 and np.isfinite(recipe["final_loss"])
-    assert recipe["data"]["sha256"] == hashlib.sha256((root / "demos.npz").read_bytes()).hexdigest()
+    assert recipe["data"][0]["sha256"] == hashlib.sha256((root / "demos.npz").read_bytes()).hexdigest()
     on_disk = json.loads((root / "a" / "recipe.json").read_text())
     assert policy.describe()["weights_sha256"] == on_disk["weights_sha256"]
     again = train_main([*argv, "--out", str(root / "b")])
