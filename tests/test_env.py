@@ -72,17 +72,24 @@ def _expert_rollout(env: LiberoEnv, init_state: np.ndarray, steps: int) -> tuple
     return seen, out.frames
 
 
-def test_soft_reset_starts_an_episode_exactly_as_a_hard_reset(spatial_task):
-    task, inits = spatial_task
+@pytest.mark.parametrize(
+    "suite, task_id",
+    [("libero_spatial", 0), ("libero_object", 0), ("libero_goal", 0), ("libero_10", 0), ("libero_90", 2)],
+)
+def test_soft_reset_starts_an_episode_exactly_as_a_hard_reset(suite, task_id):
+    task, inits = load_task(suite, task_id)
     kwargs = {"seed": 7, "camera_size": 32, "render": True}
     with LiberoEnv(task, "state", reset="soft", **kwargs) as soft, LiberoEnv(task, "state", reset="hard", **kwargs) as hard:
-        soft.reset(inits[0])  # an episode that moves an object and closes the gripper
-        joint = soft._env.env.get_object("akita_black_bowl_1").joints[0]
-        qpos = soft.sim.data.get_joint_qpos(joint).copy()
-        soft.sim.data.set_joint_qpos(joint, qpos + np.r_[0.1, 0.05, 0.1, np.zeros(4)])
+        start = soft.reset(inits[0])  # an episode that moves objects (or opens fixtures) and closes the gripper
+        joints = [j for name in soft.objects_of_interest for j in soft._env.env.get_object(name).joints]
+        for joint in joints:
+            qpos = np.atleast_1d(soft.sim.data.get_joint_qpos(joint)).copy()
+            qpos[: 3 if qpos.size == 7 else 1] += 0.05  # a free joint's position, or a hinge's or slide's travel
+            soft.sim.data.set_joint_qpos(joint, qpos if qpos.size > 1 else qpos[0])
         for _ in range(15):
             obs, _ = soft.step([0.5, 0.0, 0.3, 0.0, 0.0, 0.2, 1.0])
-        assert np.linalg.norm(obs["object_poses"][0, :3] - qpos[:3]) > 0.05
+        assert np.abs(obs["state"] - start["state"]).max() > 0.05
+        assert np.abs(obs["object_poses"] - start["object_poses"]).max() > 1e-3
         after_soft, soft_frames = _expert_rollout(soft, inits[1], 30)
         after_hard, hard_frames = _expert_rollout(hard, inits[1], 30)
     assert len(after_soft) == len(after_hard) == 30 and len(soft_frames) == len(hard_frames)
