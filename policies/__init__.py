@@ -13,6 +13,9 @@ REGISTRY: dict[str, str] = {
     "remote": "policies.remote:RemotePolicy",
     "openpi_pi05": "policies.openpi_policy:OpenpiPi05",
     "openpi_pi0": "policies.openpi_policy:OpenpiPi0",
+    "lerobot_smolvla": "policies.lerobot_policy:LeRobotSmolVLA",
+    "lerobot_pi05": "policies.lerobot_policy:LeRobotPi05",
+    "lerobot_pi0": "policies.lerobot_policy:LeRobotPi0",
 }
 
 

@@ -79,7 +79,8 @@ def workers_run(args: argparse.Namespace, cameras: bool, protocol: Protocol, n: 
     finally:
         for worker in workers:
             worker.close()
-    return {"workers": n, "join_rounds": join_rounds, "startup_s": startup, **rates(sum(o.steps for o in outcomes), len(outcomes), wall)}
+    steps = sum(o.steps for o in outcomes)
+    return {"workers": n, "join_rounds": join_rounds, "startup_s": startup, **rates(steps, len(outcomes), wall)}
 
 
 def rates(steps: int, episodes: int, wall: float) -> dict:

@@ -118,7 +118,9 @@ def plan(args: argparse.Namespace) -> list[Job]:
         for task_id in args.tasks if args.tasks is not None else range(bench.n_tasks):
             stop = min(args.first_init_state + args.init_states, len(bench.get_task_init_states(task_id)))
             init_states = range(args.first_init_state, stop)
-            jobs += [Job(suite, task_id, i, seed, max_steps, args.action_noise) for seed in args.seeds for i in init_states]
+            jobs += [
+                Job(suite, task_id, i, seed, max_steps, args.action_noise) for seed in args.seeds for i in init_states
+            ]
     return jobs
 
 
