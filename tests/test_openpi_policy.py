@@ -44,12 +44,11 @@ def test_cli_prints_the_hint_as_one_line():
     assert result.stderr.startswith("error: policy 'openpi_pi05' needs openpi, which is not on PyPI")
 
 
-@pytest.fixture(scope="module")
-def pi05_modules():
-    """pi0.5's transformer stacks at full size on the meta device (no memory), named as in openpi's PI0Pytorch.
+def pi05_stacks() -> torch.nn.ModuleDict:
+    """pi0.5's transformer stacks at full size on the meta device (no memory), named as openpi names them.
 
-    openpi builds ``paligemma_with_expert.paligemma`` (PaliGemma 3B: Gemma 2B + SigLIP So400m) and
-    ``paligemma_with_expert.gemma_expert`` (Gemma 300M) from these transformers classes and sizes.
+    openpi builds ``paligemma`` (PaliGemma 3B: Gemma 2B + SigLIP So400m) and ``gemma_expert`` (Gemma 300M)
+    from these transformers classes and sizes, under ``paligemma_with_expert``.
     """
     from transformers import GemmaConfig, GemmaForCausalLM, PaliGemmaConfig, PaliGemmaForConditionalGeneration
 
@@ -61,10 +60,15 @@ def pi05_modules():
     expert = GemmaConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=18, num_attention_heads=8,
                          num_key_value_heads=1, head_dim=256, vocab_size=257152)  # fmt: skip
     with torch.device("meta"):
-        stacks = torch.nn.ModuleDict(
+        return torch.nn.ModuleDict(
             {"paligemma": PaliGemmaForConditionalGeneration(vlm), "gemma_expert": GemmaForCausalLM(expert)}
         )
-    return torch.nn.ModuleDict({"paligemma_with_expert": stacks})
+
+
+@pytest.fixture(scope="module")
+def pi05_modules():
+    """As openpi's PI0Pytorch nests the stacks."""
+    return torch.nn.ModuleDict({"paligemma_with_expert": pi05_stacks()})
 
 
 def selected(model, preset: str) -> list[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_openpi_policy import pi05_stacks
 
 from duquant import LayerSelection, select_layers
 from policies.lerobot_policy import pi_scope_presets
@@ -13,19 +14,8 @@ from policies.lerobot_policy import pi_scope_presets
 
 @pytest.fixture(scope="module")
 def pi05_modules():
-    from transformers import GemmaConfig, GemmaForCausalLM, PaliGemmaConfig, PaliGemmaForConditionalGeneration
-
-    vlm = PaliGemmaConfig()
-    text = vlm.text_config
-    text.hidden_size, text.intermediate_size, text.num_hidden_layers = 2048, 16384, 18
-    text.num_attention_heads, text.num_key_value_heads, text.head_dim = 8, 1, 256
-    vlm.vision_config.intermediate_size, vlm.vision_config.projection_dim = 4304, 2048
-    expert = GemmaConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=18, num_attention_heads=8,
-                         num_key_value_heads=1, head_dim=256, vocab_size=257152)  # fmt: skip
+    stacks = pi05_stacks()
     with torch.device("meta"):
-        stacks = torch.nn.ModuleDict(
-            {"paligemma": PaliGemmaForConditionalGeneration(vlm), "gemma_expert": GemmaForCausalLM(expert)}
-        )
         # pi0.5's patched Gemma modulates each expert norm with a linear ``dense`` (adaptive RMSNorm)
         for layer in stacks["gemma_expert"].model.layers:
             layer.input_layernorm.dense = torch.nn.Linear(1024, 3 * 1024)
