@@ -137,6 +137,19 @@ def weights_sha256(path: str | None) -> str | None:
     return digest.hexdigest() if files else None
 
 
+def resolve_device(device: str) -> str:
+    """``auto`` is CUDA when there is one, else the CPU; any other name is kept."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def recorded_weights_sha256(checkpoint: str | None, described: dict) -> str | None:
+    """The weights' sha256 for a record: the one ``describe()`` gives (the policy hashed what it loaded), else the
+    checkpoint's, so a multi-GB checkpoint is read once, not once by the policy and again by the runner."""
+    return described["weights_sha256"] if "weights_sha256" in described else weights_sha256(checkpoint)
+
+
 def file_sha256(path: str | Path) -> str:
     """sha256 of one file, read in blocks (datasets and weights can be large)."""
     return _hash_into(hashlib.sha256(), Path(path)).hexdigest()

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from policies.base import ACTION_DIM, STATE_DIM, ObservationBatch, ObsMode, Policy, file_sha256
+from policies.base import ACTION_DIM, STATE_DIM, ObservationBatch, ObsMode, Policy, file_sha256, resolve_device
 from policies.embedded.policy import episode_noise
 from policies.openpi_policy import scope_presets as openpi_scope_presets
 from policies.scopes import pi0_presets
@@ -137,9 +137,7 @@ class LeRobotPolicy(Policy):
         _lerobot(cls.name)  # the install hint comes before any complaint about the path
         if path is None:
             raise ValueError(f"policy {cls.name!r} needs policy.path=<LeRobot checkpoint directory>")
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        return cls(path, device=device)
+        return cls(path, device=resolve_device(device))
 
     def _check_environment(self) -> None:
         """Refuse early what lerobot would only refuse after building the model."""

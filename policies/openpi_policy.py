@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from policies.base import ACTION_DIM, ObservationBatch, ObsMode, Policy
+from policies.base import ACTION_DIM, ObservationBatch, ObsMode, Policy, resolve_device
 from policies.embedded.policy import episode_noise
 from policies.scopes import pi0_presets
 
@@ -81,9 +81,7 @@ class OpenpiPolicy(Policy):
         _openpi(cls.name)  # the install hint comes before any complaint about the path
         if path is None:
             raise ValueError(f"policy {cls.name!r} needs policy.path=<openpi PyTorch checkpoint directory>")
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        return cls(path, device=device)
+        return cls(path, device=resolve_device(device))
 
     def predict(self, batch: ObservationBatch) -> np.ndarray:
         noise = episode_noise(batch.episode_seeds, batch.steps, self._noise_shape).numpy()

@@ -41,7 +41,7 @@ from examples.libero.config import ConfigError, PolicyConfig
 from examples.libero.main import fail, root_cause
 from examples.libero.quantize import CalibratingPolicy, describe_layers
 from policies import Policy, make_policy
-from policies.base import weights_sha256
+from policies.base import recorded_weights_sha256
 from policies.remote import RESET_KEY, batch_of, pack, unpack
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -73,11 +73,12 @@ class PolicyServer:
             self.calibrator = CalibratingPolicy(policy, cfg.quant, Path(cfg.results_dir) / "duquant_packs")
         self._lock = threading.Lock()
         self._connection_ids = itertools.count()
-        checkpoint = policy.checkpoint
+        checkpoint, described = policy.checkpoint, policy.describe()
         # Hashing the weights and describing the policy once, not on every connection: neither changes.
         self._policy_record = {"policy": policy.name, "obs_mode": policy.obs_mode.value,
                                "chunk_size": policy.chunk_size, "checkpoint": checkpoint,
-                               "weights_sha256": weights_sha256(checkpoint), "describe": policy.describe()}  # fmt: skip
+                               "weights_sha256": recorded_weights_sha256(checkpoint, described),
+                               "describe": described}  # fmt: skip
 
     @property
     def served(self) -> Policy:

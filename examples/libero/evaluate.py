@@ -26,7 +26,7 @@ from examples.libero.rollout import EpisodeOutcome, Protocol
 from examples.libero.scheduler import EpisodeInfo, Job, Scheduler, default_join_rounds
 from examples.libero.workers import EnvSpec, start_workers
 from policies import Policy, make_policy
-from policies.base import weights_sha256
+from policies.base import recorded_weights_sha256
 
 log = logging.getLogger(__name__)
 
@@ -90,15 +90,15 @@ class Evaluation:
         return every[first::step]
 
     def _header(self) -> dict:
-        checkpoint = self.policy.checkpoint
+        checkpoint, described = self.policy.checkpoint, self.policy.describe()
         return {
             "started_at": now_iso(),
             "git": git_state(),
             "versions": versions(),
             "device": _device_of(self.policy),
             "config": self.resolved_config,
-            "policy": {"name": self.policy.name, "checkpoint": checkpoint, "weights_sha256": weights_sha256(checkpoint),
-                       **self.policy.describe()},  # fmt: skip
+            "policy": {"name": self.policy.name, "checkpoint": checkpoint,
+                       "weights_sha256": recorded_weights_sha256(checkpoint, described), **described},  # fmt: skip
             "quant": {"mode": self.cfg.quant.mode},
             "protocol": self.protocol_record(),
         }

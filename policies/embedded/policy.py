@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from policies.base import ACTION_DIM, ObservationBatch, ObsMode, Policy, file_sha256
+from policies.base import ACTION_DIM, ObservationBatch, ObsMode, Policy, file_sha256, resolve_device
 from policies.embedded.model import EmbeddedVLA, load_weights
 from policies.embedded.text import InstructionEncoder
 
@@ -62,9 +62,7 @@ class EmbeddedPolicy(Policy):
 
     @classmethod
     def from_config(cls, path: str | None = None, device: str = "auto") -> "EmbeddedPolicy":
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        return cls(path, device=device)
+        return cls(path, device=resolve_device(device))
 
     def predict(self, batch: ObservationBatch) -> np.ndarray:
         if batch.object_poses is None:
