@@ -246,7 +246,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "the expert's own actions (default: 0, none)")  # fmt: skip
     p.add_argument("--max-steps", type=int, default=None, help="step budget per episode (default: the suite's)")
     p.add_argument("--out", type=Path, default=ROOT / "data" / "demos", help="output directory")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.action_noise < 0:
+        p.error(f"--action-noise must be >= 0, got {args.action_noise}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

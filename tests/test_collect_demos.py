@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from policies.base import collate
 from policies.scripted_expert import ScriptedExpert
-from scripts.collect_demos import Job, run_job
+from scripts.collect_demos import Job, parse_args, run_job
 
 
 def test_action_noise_perturbs_the_arm_but_the_labels_are_the_experts():
@@ -25,3 +26,9 @@ def test_action_noise_perturbs_the_arm_but_the_labels_are_the_experts():
         obs = {"state": noisy.state[start], "object_poses": noisy.object_poses[start], "object_names": names}
         planned = expert.predict(collate([obs], [noisy.instruction], ["ep"], [0], [start]))[0]
         np.testing.assert_allclose(noisy.actions[start : start + expert.chunk_size], planned, atol=1e-6)
+
+
+def test_negative_action_noise_is_refused_not_ignored(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--action-noise", "-0.1"])
+    assert "--action-noise must be >= 0, got -0.1" in capsys.readouterr().err
