@@ -147,11 +147,17 @@ class LiberoEnv:
         what ran before it in this env (run order, worker, shard, resume).
         robosuite's soft reset keeps the gripper's last command
         (``current_action``, which the gripper integrates); clearing it makes
-        both resets start identically (tests/test_env.py).
+        both resets start identically (tests/test_env.py). LIBERO's model
+        loading appends the scene's open/closed and on/off joint samplers to a
+        list it never empties, so each hard reset drew more samples before
+        placing the fixtures and a cabinet moved by ~2 cm with the env's reset
+        count; the list is emptied before the model is rebuilt.
         """
         hard = not (self.soft_reset and self._reset_before)
         self._env.env.hard_reset = hard
-        if not hard:
+        if hard:
+            self._env.env.object_property_initializers.clear()
+        else:
             for robot in self._env.robots:
                 robot.gripper.current_action = np.zeros(robot.gripper.dof)
         self._env.seed(self.seed)
