@@ -49,8 +49,13 @@ def main(dcfg: DictConfig) -> Path | None:
     # Set-up errors (bad values, unknown names, a scope that matches nothing) are the user's to fix: one line.
     try:
         cfg: RunConfig = OmegaConf.to_object(dcfg)
-        # Against the directory the command ran in: a launcher or hydra.job.chdir may have moved this job.
+        # Paths are the user's, against the directory the command ran in: a launcher or hydra.job.chdir may
+        # have moved this job.
         cfg.results_dir = to_absolute_path(cfg.results_dir)
+        if cfg.resume is not None:
+            cfg.resume = to_absolute_path(cfg.resume)
+        if cfg.policy.path is not None:
+            cfg.policy.path = to_absolute_path(cfg.policy.path)
         evaluation = Evaluation(cfg, OmegaConf.to_container(dcfg, resolve=True))
         if cfg.quant.dry_run:
             lines = evaluation.dry_run()
