@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 
 from policies.base import ObservationBatch, ObsMode, Policy, collate
 
@@ -23,13 +24,21 @@ class UnknownPolicyError(ValueError):
     pass
 
 
-def make_policy(name: str, path: str | None = None, device: str = "auto") -> Policy:
-    """Build the policy registered as ``name``; ``path`` and ``device`` go to its constructor."""
+def make_policy(name: str, path: str | None = None, device: str = "auto", tokenizer: str | None = None) -> Policy:
+    """Build the policy registered as ``name``; the other arguments go to its ``from_config``.
+
+    ``tokenizer`` is for the policies whose ``from_config`` takes one (a
+    local tokenizer directory); any other policy refuses it.
+    """
     if name not in REGISTRY:
         raise UnknownPolicyError(f"policy {name!r} is not registered; available: {', '.join(sorted(REGISTRY))}")
     module_name, class_name = REGISTRY[name].split(":")
     cls = getattr(importlib.import_module(module_name), class_name)
-    return cls.from_config(path=path, device=device)
+    if tokenizer is None:
+        return cls.from_config(path=path, device=device)
+    if "tokenizer" not in inspect.signature(cls.from_config).parameters:
+        raise ValueError(f"policy {name!r} takes no tokenizer (got policy.tokenizer={tokenizer!r})")
+    return cls.from_config(path=path, device=device, tokenizer=tokenizer)
 
 
 __all__ = ["ObservationBatch", "ObsMode", "Policy", "collate", "make_policy", "REGISTRY", "UnknownPolicyError"]

@@ -133,11 +133,11 @@ class LeRobotPolicy(Policy):
         self._device = torch.device(device)
 
     @classmethod
-    def from_config(cls, path: str | None = None, device: str = "auto") -> LeRobotPolicy:
+    def from_config(cls, path: str | None = None, device: str = "auto", tokenizer: str | None = None) -> LeRobotPolicy:
         _lerobot(cls.name)  # the install hint comes before any complaint about the path
         if path is None:
             raise ValueError(f"policy {cls.name!r} needs policy.path=<LeRobot checkpoint directory>")
-        return cls(path, device=resolve_device(device))
+        return cls(path, device=resolve_device(device), tokenizer=tokenizer)
 
     def _check_environment(self) -> None:
         """Refuse early what lerobot would only refuse after building the model."""

@@ -158,7 +158,7 @@ def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         cfg = load_config(argv)
-        policy = make_policy(cfg.policy.name, cfg.policy.path, cfg.policy.device)
+        policy = make_policy(cfg.policy.name, cfg.policy.path, cfg.policy.device, cfg.policy.tokenizer)
         if cfg.quant.dry_run:
             lines = describe_layers(policy, cfg.quant)
             print("\n".join(lines))

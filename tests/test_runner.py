@@ -100,6 +100,7 @@ def test_an_episode_error_is_recorded_and_the_run_goes_on(tmp_path):
         ("suite.max_steps=-5", "max_steps"),
         ("protocol.replan_steps=0", "replan_steps"),
         ("policy.name=nope", "not registered"),
+        ("policy.tokenizer=/tok", "takes no tokenizer"),
         ("quant.w_bits=9", "w_bits"),
     ],
 )

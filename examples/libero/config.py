@@ -40,6 +40,7 @@ class PolicyConfig:
     name: str = MISSING
     path: Optional[str] = None  # checkpoint file or directory; None = the policy's default
     device: str = "auto"  # auto = cuda when available, else cpu
+    tokenizer: Optional[str] = None  # lerobot_*: local tokenizer (and VLM files) directory; None = <path>/tokenizer
 
 
 @dataclass

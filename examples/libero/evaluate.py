@@ -58,7 +58,9 @@ class Evaluation:
         self.cfg = cfg
         self.stop = threading.Event()  # set by a signal handler: the run stops at the next chunk, resumable
         self.resolved_config = resolved_config
-        self.policy = policy if policy is not None else make_policy(cfg.policy.name, cfg.policy.path, cfg.policy.device)
+        if policy is None:
+            policy = make_policy(cfg.policy.name, cfg.policy.path, cfg.policy.device, cfg.policy.tokenizer)
+        self.policy = policy
         self.protocol = Protocol(
             num_steps_wait=cfg.protocol.num_steps_wait, max_steps=cfg.suite.max_steps, replan_steps=cfg.protocol.replan_steps
         )

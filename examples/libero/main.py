@@ -54,8 +54,9 @@ def main(dcfg: DictConfig) -> Path | None:
         cfg.results_dir = to_absolute_path(cfg.results_dir)
         if cfg.resume is not None:
             cfg.resume = to_absolute_path(cfg.resume)
-        if cfg.policy.path is not None:
-            cfg.policy.path = to_absolute_path(cfg.policy.path)
+        for key in ("path", "tokenizer"):
+            if getattr(cfg.policy, key) is not None:
+                setattr(cfg.policy, key, to_absolute_path(getattr(cfg.policy, key)))
         evaluation = Evaluation(cfg, OmegaConf.to_container(dcfg, resolve=True))
         if cfg.quant.dry_run:
             lines = evaluation.dry_run()

@@ -110,9 +110,10 @@ def test_tied_weights_stored_once_are_accepted(tmp_path):
 
 def test_never_fetches_the_tokenizer_from_the_hub(checkpoint, tmp_path):
     path = copy_of(checkpoint, tmp_path)
-    shutil.rmtree(path / "tokenizer")
+    elsewhere = shutil.move(path / "tokenizer", tmp_path / "tokenizer_copy")
     message = refusal("lerobot_smolvla", path)
     assert f"names the hub model {HUB_VLM!r}" in message and str(path / "tokenizer") in message
+    assert make_policy("lerobot_smolvla", str(path), "cpu", tokenizer=str(elsewhere)).describe()["tokenizer"] == str(elsewhere)
 
 
 def test_unmatched_input_features_are_listed(checkpoint, tmp_path):
@@ -167,10 +168,13 @@ def test_a_quantized_libero_run_with_cameras(checkpoint, tmp_path):
     # One torch thread, as tests/conftest.py sets in-process: on 2 busy cores two threads made calibration 20x slower.
     env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl"), "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [shim, os.environ.get("PYTHONPATH")]))}  # fmt: skip
-    args = [sys.executable, str(MAIN), "policy=lerobot_smolvla", f"policy.path={checkpoint}", "suite=libero_spatial",
+    # The tokenizer from the CLI key, by a path relative to where the command runs.
+    tokenizer = shutil.copytree(checkpoint / "tokenizer", tmp_path / "tok")
+    args = [sys.executable, str(MAIN), "policy=lerobot_smolvla", f"policy.path={checkpoint}", "policy.tokenizer=tok",
+            "suite=libero_spatial",
             "tasks=[0]", "trials_per_task=1", "suite.max_steps=5", "num_envs=1", "quant=w4a8", "quant.calib_steps=1",
             "quant.scope=expert_mlp", "quant.block_size=16", f"results_dir={tmp_path}"]  # fmt: skip
-    proc = subprocess.run(args, check=False, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    proc = subprocess.run(args, check=False, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (path,) = (tmp_path / "libero_spatial").glob("*_lerobot_smolvla_duquant_w4a8.json")
     doc = json.loads(path.read_text())
@@ -179,5 +183,6 @@ def test_a_quantized_libero_run_with_cameras(checkpoint, tmp_path):
     (episode,) = doc["episodes"]
     assert episode["error"] is None and episode["steps"] == 5 and episode["policy_calls"] == 2
     assert doc["policy"]["weights_sha256"] == file_sha256(checkpoint / "model.safetensors")
+    assert doc["policy"]["tokenizer"] == str(tokenizer)
     assert doc["policy"]["cameras"] == {"observation.images.image": "agentview", "observation.images.image2": "wrist"}
     assert doc["quant"]["calibration"]["complete"] and doc["quant"]["layers_quantized"] == LAYERS * 3
