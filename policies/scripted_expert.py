@@ -9,7 +9,8 @@ the LIBERO assets, keyed by object category (the name without its ``_N``).
 
 Each episode runs through phases (approach, descend, close, lift, carry,
 lower, release, retreat); a failed grasp or a drop starts over from a retreat,
-gripping a vessel's rim elsewhere. Phase changes are decided on real observations only;
+gripping a vessel's rim elsewhere; a vessel hanging tilted from its rim is carried
+turned back toward level. Phase changes are decided on real observations only;
 inside a chunk the expert tracks the phase's goal on a kinematic model of the
 OSC controller, so a chunk executed open-loop still lands near the goal.
 """
@@ -37,7 +38,9 @@ ROBOT_SIDE = np.array([-1.0, 0.0])  # LIBERO's robot base stands on the world's 
 RIM_REACH_WEIGHT = 0.03  # m of rim height worth as much as gripping the rim straight from the robot's side
 # After each failed grasp of a rim, the side preferred for the next one turns by the next of these angles.
 RIM_RETRY_TURNS = tuple(math.radians(a) for a in (0, 45, -45, 90, -90))
+RIM_DEPTH = 0.015  # grip a rim this far below its top
 BLOCKED = 0.012  # a descent that stalls this far above the grasp point hit something
+LEVEL = math.radians(20)  # a carried vessel tilted at most this much is let go of without tipping over
 # Gripper-down orientation with yaw 0: fingers close along world y.
 _DOWN = Rotation.from_euler("x", math.pi)
 
@@ -120,6 +123,10 @@ class Box:
         axis = matrix[:2, narrow]
         return axis / max(np.linalg.norm(axis), 1e-9)
 
+    def opening(self) -> np.ndarray:
+        """World direction of a vessel's opening: its thinnest local axis, + end."""
+        return self.rotation.apply(np.eye(3)[int(np.argmin(self.local_half))])
+
     def rim(self, inset: float, side: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Where to grip a vessel's rim, ``inset`` inside the wall, and the horizontal direction across the wall there.
 
@@ -162,6 +169,7 @@ class _Goal:
     position: np.ndarray
     yaw: float
     gripper: float
+    orientation: Rotation | None = None  # instead of gripper-down at ``yaw``
 
 
 class ScriptedExpert(Policy):
@@ -233,7 +241,7 @@ class ScriptedExpert(Policy):
         if obj.is_open_vessel(self.max_opening):
             turn = Rotation.from_euler("z", RIM_RETRY_TURNS[attempt % len(RIM_RETRY_TURNS)])
             point, across = obj.rim(0.006, turn.apply([*ROBOT_SIDE, 0.0])[:2])
-            point[2] -= 0.02
+            point[2] -= RIM_DEPTH
         else:
             across = obj.narrow_axis()
             point = np.array([*obj.center[:2], max(obj.bottom + 0.012, obj.top - 0.03)])
@@ -256,10 +264,20 @@ class ScriptedExpert(Policy):
                 z = target.top + self.clearance + eef[2] - obj.bottom
             else:  # at lift height until within ``lift`` of the target, so the object leaves a drawer first
                 z = ep.lift_z if np.linalg.norm(xy - eef[:2]) > self.lift else ep.carry_z
-            return _Goal(np.array([*xy, z]), yaw, CLOSE)
+            orientation = None
+            if obj.is_open_vessel(self.max_opening):
+                # A vessel hangs from its rim tilted (a bowl that slid off a ramekin hangs at ~50 degrees) and,
+                # let go tilted, tips over off the target: turn the wrist until it is level.
+                level = Rotation.align_vectors([[0.0, 0.0, 1.0]], [obj.opening()])[0]
+                tilt = level.magnitude()  # turned only to LEVEL: the arm reaches less far with its wrist bent
+                level = Rotation.from_rotvec(level.as_rotvec() * max(tilt - LEVEL, 0.0) / max(tilt, 1e-9))
+                orientation = level * Rotation.from_rotvec(state[3:6])
+            return _Goal(np.array([*xy, z]), yaw, CLOSE, orientation)
+        # Let go, and rise, without turning the wrist: a levelled grip turning back would knock the vessel over.
+        here = Rotation.from_rotvec(state[3:6])
         if ep.phase is Phase.RELEASE:
-            return _Goal(eef.copy(), yaw, OPEN)
-        return _Goal(eef + [0.0, 0.0, self.hover], yaw, OPEN)
+            return _Goal(eef.copy(), yaw, OPEN, here)
+        return _Goal(eef + [0.0, 0.0, self.hover], yaw, OPEN, here)
 
     def _advance(self, ep: _Episode, state: np.ndarray, obj: Box, target: Box, step: int) -> None:
         """Move on through every phase whose exit condition the observation meets."""
@@ -293,10 +311,14 @@ class ScriptedExpert(Policy):
                     continue
                 ep.hold = eef - obj.center
             elif phase in (Phase.CARRY, Phase.LOWER):
-                if np.linalg.norm(eef - obj.center - ep.hold) > 0.04:
+                # The distance, not the offset: levelling turns a vessel about the grip.
+                if abs(np.linalg.norm(eef - obj.center) - np.linalg.norm(ep.hold)) > 0.04:
                     ep.phase, ep.since = Phase.RETREAT, step  # dropped on the way: try again
                     continue
-                done = (near_xy and abs(err[2]) < 2 * self.tolerance) or (phase is Phase.LOWER and stalled)
+                if phase is Phase.CARRY:  # lowering goes on closing the gap across
+                    done = np.linalg.norm(err[:2]) < 2 * self.tolerance and abs(err[2]) < 2 * self.tolerance
+                else:
+                    done = (near_xy and abs(err[2]) < 2 * self.tolerance) or stalled
             elif phase is Phase.RELEASE:
                 done = elapsed >= self.release_steps
             else:  # still running after the release or a failed grasp: start over
@@ -314,7 +336,7 @@ class ScriptedExpert(Policy):
         """
         pos = state[:3].copy()
         rot = Rotation.from_rotvec(state[3:6])
-        target_rot = Rotation.from_euler("z", goal.yaw) * _DOWN
+        target_rot = Rotation.from_euler("z", goal.yaw) * _DOWN if goal.orientation is None else goal.orientation
         chunk = np.empty((self.chunk_size, ACTION_DIM))
         velocities = np.empty((self.chunk_size, 3))
         for i in range(self.chunk_size):
