@@ -33,6 +33,12 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+def user_path(value: str | None) -> str | None:
+    """A relative path against the directory the command ran in (a launcher or hydra.job.chdir may have moved
+    this job); an address such as ``ws://host:port`` as given."""
+    return value if value is None or "://" in value else to_absolute_path(value)
+
+
 def root_cause(exc: BaseException) -> BaseException:
     # OmegaConf wraps errors raised in __post_init__; the user needs the original sentence.
     while exc.__cause__ is not None and isinstance(exc, OmegaConfBaseException):
@@ -49,14 +55,8 @@ def main(dcfg: DictConfig) -> Path | None:
     # Set-up errors (bad values, unknown names, a scope that matches nothing) are the user's to fix: one line.
     try:
         cfg: RunConfig = OmegaConf.to_object(dcfg)
-        # Paths are the user's, against the directory the command ran in: a launcher or hydra.job.chdir may
-        # have moved this job.
-        cfg.results_dir = to_absolute_path(cfg.results_dir)
-        if cfg.resume is not None:
-            cfg.resume = to_absolute_path(cfg.resume)
-        for key in ("path", "tokenizer"):
-            if getattr(cfg.policy, key) is not None:
-                setattr(cfg.policy, key, to_absolute_path(getattr(cfg.policy, key)))
+        cfg.results_dir, cfg.resume = user_path(cfg.results_dir), user_path(cfg.resume)
+        cfg.policy.path, cfg.policy.tokenizer = user_path(cfg.policy.path), user_path(cfg.policy.tokenizer)
         evaluation = Evaluation(cfg, OmegaConf.to_container(dcfg, resolve=True))
         if cfg.quant.dry_run:
             lines = evaluation.dry_run()
