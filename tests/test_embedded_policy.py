@@ -102,6 +102,12 @@ def test_noise_depends_only_on_episode_seed_and_step(policy):
 def test_missing_weights_are_refused(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         EmbeddedPolicy(tmp_path / "nope.safetensors")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        EmbeddedPolicy(tmp_path)  # a directory without model.safetensors
+
+
+def test_a_training_output_directory_loads_its_weights():
+    assert EmbeddedPolicy(DEFAULT_WEIGHTS.parent).checkpoint == str(DEFAULT_WEIGHTS)
 
 
 def test_mismatched_weights_are_refused(trained, tmp_path):

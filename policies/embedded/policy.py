@@ -53,6 +53,8 @@ class EmbeddedPolicy(Policy):
 
     def __init__(self, weights: str | Path | None = None, *, device: str = "cpu"):
         self._path = Path(weights) if weights is not None else DEFAULT_WEIGHTS
+        if self._path.is_dir():  # what train_embedded_policy.py --out wrote
+            self._path = self._path / DEFAULT_WEIGHTS.name
         self._model: EmbeddedVLA = load_weights(self._path).to(device)
         if self._model.config.horizon != self.chunk_size:
             horizon = self._model.config.horizon
