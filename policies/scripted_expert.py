@@ -250,7 +250,7 @@ class ScriptedExpert(Policy):
         return point, (yaw - WRIST_YAW + math.pi / 2) % math.pi - math.pi / 2 + WRIST_YAW
 
     def _goal(self, ep: _Episode, state: np.ndarray, obj: Box, target: Box) -> _Goal:
-        eef = state[:3]
+        eef, here = state[:3], Rotation.from_rotvec(state[3:6])
         yaw = _yaw(state)
         if ep.phase in (Phase.APPROACH, Phase.DESCEND, Phase.CLOSE):
             point, grasp_yaw = self._grasp(obj, ep.attempt)
@@ -271,10 +271,9 @@ class ScriptedExpert(Policy):
                 level = Rotation.align_vectors([[0.0, 0.0, 1.0]], [obj.opening()])[0]
                 tilt = level.magnitude()  # turned only to LEVEL: the arm reaches less far with its wrist bent
                 level = Rotation.from_rotvec(level.as_rotvec() * max(tilt - LEVEL, 0.0) / max(tilt, 1e-9))
-                orientation = level * Rotation.from_rotvec(state[3:6])
+                orientation = level * here
             return _Goal(np.array([*xy, z]), yaw, CLOSE, orientation)
         # Let go, and rise, without turning the wrist: a levelled grip turning back would knock the vessel over.
-        here = Rotation.from_rotvec(state[3:6])
         if ep.phase is Phase.RELEASE:
             return _Goal(eef.copy(), yaw, OPEN, here)
         return _Goal(eef + [0.0, 0.0, self.hover], yaw, OPEN, here)
