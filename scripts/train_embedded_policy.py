@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from policies.base import file_sha256
 from policies.embedded.model import EmbeddedVLA, ModelConfig, pose_features, save_weights, state_features
@@ -129,6 +130,9 @@ def train(args: argparse.Namespace) -> tuple[EmbeddedVLA, dict]:
     gen = torch.Generator().manual_seed(args.seed)
     model = EmbeddedVLA(config)
     fit_statistics(model, demos)
+    # Flow-matching policies act better from an exponential moving average of the weights than from the last
+    # step's, which carry the noise of the last few batches (as Diffusion Policy and LeRobot do).
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(args.ema_decay)) if args.ema_decay else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     losses, start = [], time.perf_counter()
     model.train()
@@ -142,6 +146,8 @@ def train(args: argparse.Namespace) -> tuple[EmbeddedVLA, dict]:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         optimizer.step()
+        if ema is not None:
+            ema.update_parameters(model)
         losses.append(loss.item())
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             recent = float(np.mean(losses[-args.log_every :]))
@@ -159,7 +165,7 @@ def train(args: argparse.Namespace) -> tuple[EmbeddedVLA, dict]:
         "train_seconds": round(time.perf_counter() - start, 1),
         "torch": torch.__version__,
     }
-    return model.eval(), recipe
+    return (model if ema is None else ema.module).eval(), recipe
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -174,10 +180,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--clip", type=float, default=1.0, help="gradient norm clip")
     p.add_argument("--obs-noise", type=float, default=0.0, help="std (m) of position jitter on eef/object inputs")
+    p.add_argument("--ema-decay", type=float, default=0.999,
+                   help="ship an exponential moving average of the weights with this decay (0: the last step's)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--log-every", type=int, default=100)
     args = p.parse_args(argv)
+    if not 0 <= args.ema_decay < 1:
+        p.error(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     args.argv = argv
     return args
 

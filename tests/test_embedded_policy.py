@@ -170,6 +170,18 @@ def test_training_is_reproducible_and_recorded(trained, policy):
     assert again["weights_sha256"] == recipe["weights_sha256"]
 
 
+def test_shipped_weights_are_the_moving_average(trained):
+    root, argv, recipe = trained
+    last = train_main([*argv, "--ema-decay", "0", "--out", str(root / "last")])
+    assert recipe["args"]["ema_decay"] == 0.999 and last["args"]["ema_decay"] == 0
+    assert last["weights_sha256"] != recipe["weights_sha256"]
+    one_step = [*argv[: argv.index("--steps")], "--steps", "1", *argv[argv.index("--steps") + 2 :]]
+    first = [train_main([*one_step, "--ema-decay", d, "--out", str(root / f"one{d}")]) for d in ("0", "0.9")]
+    assert first[0]["weights_sha256"] == first[1]["weights_sha256"]  # the average starts at the first step's weights
+    with pytest.raises(SystemExit):
+        train_main([*argv, "--ema-decay", "1"])
+
+
 def test_chunks_stop_at_episode_end():
     expected = [[0, 1, 2], [1, 2, 2], [2, 2, 2], [3, 4, 4], [4, 4, 4]]
     np.testing.assert_array_equal(chunk_indices(np.array([0, 0, 0, 1, 1]), 3), expected)
