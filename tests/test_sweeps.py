@@ -68,9 +68,11 @@ def test_submitit_local_sweep_produces_results(tmp_path):
     check_sweep(tmp_path / "res", tmp_path / "sweep", "seed", [3])
 
 
-def test_a_sweep_cut_short_keeps_the_index_of_what_it_ran(tmp_path):
-    proc = sweep("suite.max_steps=5,-5", f"results_dir={tmp_path / 'res'}", f"hydra.sweep.dir={tmp_path / 'sweep'}")
-    assert proc.returncode == 2 and "max_steps" in proc.stderr
-    first, second = json.loads((tmp_path / "sweep" / "index.json").read_text())["runs"]
-    assert first["status"] == "complete" and Path(first["results"]).is_file()
-    assert second["status"] == "running" and "suite.max_steps=-5" in second["overrides"] and "results" not in second
+def test_a_job_that_cannot_run_is_indexed_as_an_error_and_the_sweep_goes_on(tmp_path):
+    proc = sweep("suite.max_steps=-5,5", f"results_dir={tmp_path / 'res'}", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    assert proc.returncode != 0 and "max_steps" in proc.stderr
+    failed, ran = json.loads((tmp_path / "sweep" / "index.json").read_text())["runs"]
+    assert failed["status"] == "error" and "max_steps" in failed["error"] and "results" not in failed
+    assert "suite.max_steps=-5" in failed["overrides"] and failed["finished_at"]
+    assert ran["status"] == "complete" and Path(ran["results"]).is_file()
+    assert "| 0 | -5 | error | - | RunError: " in (tmp_path / "sweep" / "index.md").read_text()

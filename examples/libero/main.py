@@ -15,6 +15,8 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -26,7 +28,14 @@ from examples.libero.evaluate import Evaluation, ResumeMismatch
 register_configs()
 
 
+class RunError(Exception):
+    """A job of a multirun that cannot run; Hydra records it as failed and goes on with the other jobs."""
+
+
 def fail(message: str) -> None:
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        # Exiting here would end the whole sweep and leave this job in the sweep index as still running.
+        raise RunError(message) from None
     print(f"error: {message}", file=sys.stderr)
     # Half-built simulator objects complain from their destructors at exit; after the error that is noise.
     sys.unraisablehook = lambda unraisable: None
