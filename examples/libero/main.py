@@ -16,6 +16,7 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
@@ -24,8 +25,10 @@ from omegaconf.errors import OmegaConfBaseException
 from examples.libero.config import RunConfig, register_configs
 from examples.libero.env import RenderingUnavailable
 from examples.libero.evaluate import Evaluation, ResumeMismatch
+from examples.libero.results import flatten_config, read_results
 
 register_configs()
+_ABSENT = object()
 
 
 class RunError(Exception):
@@ -48,6 +51,19 @@ def user_path(value: str | None) -> str | None:
     return value if value is None or "://" in value else to_absolute_path(value)
 
 
+def adopt_interrupted_config(dcfg: DictConfig) -> None:
+    """Give every key the command line leaves unset the interrupted run's value, so ``resume=FILE`` alone (what
+    an interrupted run prints) continues it as configured; keys set on the command line must still match."""
+    parser = OverridesParser.create()
+    explicit = [o.key_or_group for o in parser.parse_overrides(list(HydraConfig.get().overrides.task))]
+    recorded = read_results(Path(user_path(dcfg.resume))).get("config") or {}
+    for key, value in flatten_config(recorded).items():
+        if key == "resume" or any(key == k or key.startswith(f"{k}.") for k in explicit):
+            continue
+        if OmegaConf.select(dcfg, key, default=_ABSENT) is not _ABSENT:  # a key of an older schema is left out
+            OmegaConf.update(dcfg, key, value, merge=False)
+
+
 def root_cause(exc: BaseException) -> BaseException:
     # OmegaConf wraps errors raised in __post_init__; the user needs the original sentence.
     while exc.__cause__ is not None and isinstance(exc, OmegaConfBaseException):
@@ -63,6 +79,8 @@ def main(dcfg: DictConfig) -> Path | None:
         mp.set_start_method("spawn", force=True)
     # Set-up errors (bad values, unknown names, a scope that matches nothing) are the user's to fix: one line.
     try:
+        if dcfg.resume is not None:
+            adopt_interrupted_config(dcfg)
         cfg: RunConfig = OmegaConf.to_object(dcfg)
         cfg.results_dir, cfg.resume = user_path(cfg.results_dir), user_path(cfg.resume)
         cfg.policy.path, cfg.policy.tokenizer = user_path(cfg.policy.path), user_path(cfg.policy.tokenizer)

@@ -34,15 +34,16 @@ EXECUTION_KEYS = ("resume", "progress", "num_envs", "join_rounds", "step_timeout
 def config_differences(a: dict, b: dict, ignore: tuple[str, ...] = EXECUTION_KEYS) -> list[str]:
     """The keys, dotted (``suite.max_steps``), whose values differ between two recorded configs, top-level
     ``ignore`` keys aside."""
-    flat_a, flat_b = (_flatten({k: v for k, v in c.items() if k not in ignore}) for c in (a, b))
+    flat_a, flat_b = (flatten_config({k: v for k, v in c.items() if k not in ignore}) for c in (a, b))
     return sorted(k for k in flat_a.keys() | flat_b.keys() if flat_a.get(k) != flat_b.get(k))
 
 
-def _flatten(config: dict, prefix: str = "") -> dict:
+def flatten_config(config: dict, prefix: str = "") -> dict:
+    """``{"suite": {"max_steps": 5}}`` -> ``{"suite.max_steps": 5}``; lists are values."""
     out = {}
     for key, value in config.items():
         if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(flatten_config(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
