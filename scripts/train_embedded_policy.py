@@ -173,7 +173,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--demos", nargs="+", default=["data/demos/demos.npz"],
                    help="demos file(s) written by scripts/collect_demos.py, trained on together")  # fmt: skip
     p.add_argument("--out", default="policies/embedded/weights", help="directory for model.safetensors + recipe.json")
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=8000)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=200)
