@@ -2,6 +2,7 @@
 
     python scripts/bench_calibration.py                        # W4A8, tokens 128 256 512 1024 2048, 3 seeds
     python scripts/bench_calibration.py --preset w4a4 --tokens 256 2048 --seeds 0
+    python scripts/bench_calibration.py --preset rtn_w4a8 --tokens 512 --set w_clip=1.0
     python scripts/bench_calibration.py --quick                # smoke test: 2 tasks, tokens 64 128, 1 seed
 
 ``calib_max_tokens`` caps the input rows each layer keeps (a seeded reservoir
@@ -21,7 +22,9 @@ protocol's wait steps: the calibration set from the first init states of every
 task, the held-out set from later, disjoint ones. Policy noise is seeded per
 (episode seed, step) as in a run, so FP and quantized calls see the same
 noise. Prints a table with each value's time and error against the largest
-value's and writes JSON (default results/bench/calibration_cpu.json).
+value's and writes JSON (default results/bench/calibration_cpu.json). With
+``--preset``, ``--set`` and one ``--tokens`` value it measures the held-out
+action error of any quant setting, e.g. DuQuant against RTN.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +51,7 @@ from examples.libero.env import LiberoEnv, load_task
 from examples.libero.evaluate import episode_id, episode_seed
 from examples.libero.quantize import CalibratingPolicy
 from examples.libero.results import versions
-from examples.libero.rollout import Protocol, begin
+from examples.libero.rollout import Protocol, begin, execute
 from policies.base import ObservationBatch, ObsMode, Policy, collate
 from policies.embedded import EmbeddedPolicy
 
@@ -75,42 +79,68 @@ QUICK = Setting(tasks=[0, 1], calib_states=[0], heldout_states=[1, 2], tokens=[6
 
 @dataclass(frozen=True)
 class Observation:
-    """One protocol observation at the start of an episode (after the wait steps), with what identifies it."""
+    """One protocol observation of an episode (after the wait steps), with what identifies it."""
 
     task_id: int
     init_state: int
     instruction: str
     obs: dict
+    step: int = 0  # policy-driven env steps before it: seeds the policy noise as in a run
 
 
-def quant_config(preset: str, w_bits: int | None, a_bits: int | None) -> QuantConfig:
-    """The QuantConfig that ``quant=<preset>`` gives a run, with the bit widths optionally replaced."""
+def quant_config(preset: str, overrides: dict) -> QuantConfig:
+    """The QuantConfig that ``quant=<preset> quant.KEY=VALUE ...`` gives a run."""
     values = OmegaConf.to_container(OmegaConf.load(PRESETS / f"{preset}.yaml"))
-    values.update({k: v for k, v in (("w_bits", w_bits), ("a_bits", a_bits)) if v is not None})
+    values.update(overrides)
     return QuantConfig.from_dict(values)
 
 
-def collect(setting: Setting) -> tuple[list[Observation], list[Observation]]:
-    """(calibration, held-out) observations: one env per task, one reset per init state, as a run starts them."""
-    wait = Protocol().num_steps_wait
+def parse_setting(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with VALUE read as YAML, as Hydra reads ``quant.KEY=VALUE`` (``0`` an int, ``null`` None)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, yaml.safe_load(value)
+
+
+def collect(setting: Setting, heldout_calls: int, fp: Policy) -> tuple[list[Observation], list[Observation]]:
+    """(calibration, held-out) observations: one env per task, one reset per init state, as a run starts them.
+
+    Calibration observations are episode starts, as a run's first calls. Held-out
+    episodes are rolled out by the FP policy for up to ``heldout_calls`` calls
+    (``replan_steps`` actions each), and the observation of every call is kept:
+    later calls show what calibration on episode starts did not see.
+    """
+    protocol = Protocol()
     calibration, heldout = [], []
     for task_id in setting.tasks:
         task, init_states = load_task(SUITE, task_id)
         with LiberoEnv(task, ObsMode.STATE, seed=SEED) as env:
-            for states, into in ((setting.calib_states, calibration), (setting.heldout_states, heldout)):
-                for i in states:
-                    into.append(Observation(task_id, i, task.instruction, begin(env, init_states[i], wait).obs))
+            for i in setting.calib_states:
+                obs = begin(env, init_states[i], protocol.num_steps_wait).obs
+                calibration.append(Observation(task_id, i, task.instruction, obs))
+            for i in setting.heldout_states:
+                progress = begin(env, init_states[i], protocol.num_steps_wait)
+                step = 0
+                for _ in range(heldout_calls):
+                    observation = Observation(task_id, i, task.instruction, progress.obs, step)
+                    heldout.append(observation)
+                    chunk = fp.predict(batch([observation]))[0]
+                    progress = execute(env, progress.obs, chunk[: protocol.replan_steps])
+                    step += progress.steps
+                    if progress.success or step >= protocol.max_steps:
+                        break
     return calibration, heldout
 
 
 def batch(observations: list[Observation]) -> ObservationBatch:
-    """A batch as the runner builds it at each episode's first policy call (step 0)."""
+    """A batch as the runner builds it at these observations' policy calls."""
     return collate(
         [o.obs for o in observations],
         [o.instruction for o in observations],
         [episode_id(SUITE, o.task_id, o.init_state) for o in observations],
         [episode_seed(SEED, o.task_id, o.init_state) for o in observations],
-        [0] * len(observations),
+        [o.step for o in observations],
     )
 
 
@@ -135,11 +165,12 @@ def calibrated(cfg: QuantConfig, calib_batches: list[ObservationBatch]) -> Calib
     return policy
 
 
-def action_errors(fp: np.ndarray, quantized: np.ndarray) -> dict:
-    """Relative L2 error of each chunk ([chunk, 7]) against FP, averaged and worst, and the largest abs difference."""
+def action_errors(fp: np.ndarray, quantized: np.ndarray, steps: np.ndarray) -> dict:
+    """Relative L2 error of each chunk ([chunk, 7]) against FP: averaged, at episode starts only (``steps`` 0),
+    and worst; and the largest abs difference."""
     rel = np.linalg.norm(quantized - fp, axis=(1, 2)) / np.linalg.norm(fp, axis=(1, 2))
-    return {"rel_err": float(rel.mean()), "rel_err_worst": float(rel.max()),
-            "max_abs_err": float(np.abs(quantized - fp).max())}  # fmt: skip
+    return {"rel_err": float(rel.mean()), "rel_err_start": float(rel[steps == 0].mean()),
+            "rel_err_worst": float(rel.max()), "max_abs_err": float(np.abs(quantized - fp).max())}  # fmt: skip
 
 
 def measure_seed(cfg: QuantConfig, calib_batches: list[ObservationBatch], heldout: list[ObservationBatch],
@@ -151,7 +182,7 @@ def measure_seed(cfg: QuantConfig, calib_batches: list[ObservationBatch], heldou
         "seed": cfg.seed,
         "calib_s": report["seconds"],
         "avg_sqnr_db": report["average_sqnr_db"],
-        **action_errors(fp_actions, predict_all(policy, heldout)),
+        **action_errors(fp_actions, predict_all(policy, heldout), np.concatenate([b.steps for b in heldout])),
         "layers_quantized": report["layers_quantized"],
         # A layer that saw no more rows than the cap keeps them all: this knob changes nothing for it.
         "layers_subsampled": sum(layer["calib_rows"] > cfg.calib_max_tokens for layer in report["layers"]),
@@ -169,6 +200,7 @@ def summarize(tokens: int, runs: list[dict]) -> dict:
         "avg_sqnr_db": float(np.mean(sqnr)) if sqnr else None,
         "rel_err": float(np.mean(errors)),
         "rel_err_seed_range": [min(errors), max(errors)],
+        "rel_err_start": float(np.mean([r["rel_err_start"] for r in runs])),
         "rel_err_worst": max(r["rel_err_worst"] for r in runs),
         "max_abs_err": max(r["max_abs_err"] for r in runs),
         "layers_quantized": runs[0]["layers_quantized"],
@@ -187,15 +219,15 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    print("| calib_max_tokens | calib s | time x | avg SQNR dB | rel err (seed range) | err x | worst chunk rel err |"
-          " max abs err | layers subsampled |")  # fmt: skip
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| calib_max_tokens | calib s | time x | avg SQNR dB | rel err (seed range) | err x | rel err at starts |"
+          " worst chunk rel err | max abs err | layers subsampled |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         sqnr = "-" if r["avg_sqnr_db"] is None else f"{r['avg_sqnr_db']:.2f}"
         low, high = r["rel_err_seed_range"]
         print(f"| {r['calib_max_tokens']} | {r['calib_s']:.2f} | {r['time_x']:.2f} | {sqnr} | "
-              f"{r['rel_err']:.4f} ({low:.4f}-{high:.4f}) | {r['err_x']:.2f} | {r['rel_err_worst']:.4f} | "
-              f"{r['max_abs_err']:.4f} | {r['layers_subsampled']}/{r['layers_quantized']} |")  # fmt: skip
+              f"{r['rel_err']:.4f} ({low:.4f}-{high:.4f}) | {r['err_x']:.2f} | {r['rel_err_start']:.4f} | "
+              f"{r['rel_err_worst']:.4f} | {r['max_abs_err']:.4f} | {r['layers_subsampled']}/{r['layers_quantized']} |")  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -207,7 +239,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", choices=presets, default="w4a8", help="conf/quant preset (default w4a8)")
     p.add_argument("--w-bits", type=int, default=None, help="replace the preset's w_bits")
     p.add_argument("--a-bits", type=int, default=None, help="replace the preset's a_bits")
+    p.add_argument(
+        "--set",
+        dest="settings",
+        metavar="KEY=VALUE",
+        type=parse_setting,
+        action="append",
+        default=[],
+        help="replace any other quant field, e.g. --set smooth_alpha=0 (repeatable)",
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=None, help=f"quant.seed values (default {FULL.seeds})")
+    p.add_argument(
+        "--heldout-calls",
+        type=int,
+        default=1,
+        help="FP policy calls rolled out per held-out episode, each one's observation held out (default 1: the start)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument(
         "--quick",
@@ -218,6 +265,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.tokens is not None and min(args.tokens) < 1:
         p.error("--tokens must be positive")
+    if args.heldout_calls < 1:
+        p.error("--heldout-calls must be >= 1")
     if args.seeds is not None and min(args.seeds) < 0:
         p.error("--seeds must be >= 0")
     return args
@@ -226,7 +275,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        cfg = quant_config(args.preset, args.w_bits, args.a_bits)
+        bits = {k: v for k, v in (("w_bits", args.w_bits), ("a_bits", args.a_bits)) if v is not None}
+        cfg = quant_config(args.preset, {**dict(args.settings), **bits})
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -235,10 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     tokens = sorted(set(args.tokens or setting.tokens))
     seeds = sorted(set(args.seeds or setting.seeds))
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
-    calibration, heldout = collect(setting)
+    fp = EmbeddedPolicy()
+    calibration, heldout = collect(setting, args.heldout_calls, fp)
     calib_batches = [batch([o]) for o in calibration]  # one call per observation, as a run's calibration
     heldout_batches = per_task_batches(heldout)
-    fp = EmbeddedPolicy()
     fp_actions = predict_all(fp, heldout_batches)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cfg.mode} W{cfg.w_bits}A{cfg.a_bits}, "
           f"{len(calibration)} calibration / {len(heldout)} held-out observations")  # fmt: skip
@@ -253,13 +303,18 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(),
         "versions": versions(),
         "preset": args.preset,
+        "settings": dict(args.settings),
         "config": dataclasses.replace(cfg, calib_steps=len(calib_batches)).to_dict(),  # calib_max_tokens, seed: per row
         "weights_sha256": fp.describe()["weights_sha256"],
         "suite": SUITE,
         "run_seed": SEED,
         "tasks": setting.tasks,
         "calibration": {"init_states": setting.calib_states, "observations": len(calibration)},  # one call each
-        "held_out": {"init_states": setting.heldout_states, "observations": len(heldout)},
+        "held_out": {
+            "init_states": setting.heldout_states,
+            "calls_per_episode": args.heldout_calls,
+            "observations": len(heldout),
+        },
         "quant_seeds": seeds,
         "baseline_tokens": max(tokens),
         "quick": args.quick,
