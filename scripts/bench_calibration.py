@@ -39,7 +39,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,11 +97,14 @@ def quant_config(preset: str, overrides: dict) -> QuantConfig:
 
 
 def parse_setting(text: str) -> tuple[str, object]:
-    """``KEY=VALUE`` with VALUE read as YAML, as Hydra reads ``quant.KEY=VALUE`` (``0`` an int, ``null`` None)."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
+    """``KEY=VALUE`` parsed by Hydra's own override parser, so VALUE means what ``quant.KEY=VALUE`` means in a run."""
+    try:
+        override = OverridesParser.create().parse_override(text)
+    except HydraException as exc:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}") from exc
+    if not override.key_or_group:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key, yaml.safe_load(value)
+    return override.key_or_group, override.value()
 
 
 def collect(setting: Setting, heldout_calls: int, fp: Policy) -> tuple[list[Observation], list[Observation]]:
@@ -122,11 +126,13 @@ def collect(setting: Setting, heldout_calls: int, fp: Policy) -> tuple[list[Obse
             for i in setting.heldout_states:
                 progress = begin(env, init_states[i], protocol.num_steps_wait)
                 step = 0
-                for _ in range(heldout_calls):
+                for call in range(heldout_calls):
                     observation = Observation(task_id, i, task.instruction, progress.obs, step)
                     heldout.append(observation)
-                    chunk = fp.predict(batch([observation]))[0]
-                    progress = execute(env, progress.obs, chunk[: protocol.replan_steps])
+                    if call == heldout_calls - 1:
+                        break  # the last observation is kept; acting on it would show nothing
+                    chunk = fp.predict(batch([observation]))[0][: min(protocol.replan_steps, protocol.max_steps - step)]
+                    progress = execute(env, progress.obs, chunk)
                     step += progress.steps
                     if progress.success or step >= protocol.max_steps:
                         break
@@ -289,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     calibration, heldout = collect(setting, args.heldout_calls, fp)
     calib_batches = [batch([o]) for o in calibration]  # one call per observation, as a run's calibration
     heldout_batches = per_task_batches(heldout)
-    fp_actions = predict_all(fp, heldout_batches)
+    fp_actions = predict_all(fp, heldout_batches)  # batched as the quantized calls are, unlike the rollout's
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cfg.mode} W{cfg.w_bits}A{cfg.a_bits}, "
           f"{len(calibration)} calibration / {len(heldout)} held-out observations")  # fmt: skip
     rows = []
