@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from policies.base import ACTION_DIM, STATE_DIM, ObservationBatch, ObsMode, Policy, file_sha256, resolve_device
-from policies.embedded.policy import episode_noise
+from policies.noise import episode_noise
 from policies.openpi_policy import scope_presets as openpi_scope_presets
 from policies.scopes import pi0_presets
 

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from policies.base import ACTION_DIM, ObservationBatch, ObsMode, Policy, resolve_device
-from policies.embedded.policy import episode_noise
+from policies.noise import episode_noise
+from policies.optional import DependencyUnavailable, import_optional
 from policies.scopes import pi0_presets
 
 INSTALL_HINT = (
@@ -44,16 +45,17 @@ def scope_presets() -> dict[str, dict[str, list[str]]]:
     return pi0_presets(_LLM, _EXPERT, _EXCLUDE, vision=[_VISION + _VISION_LINEARS])
 
 
-class OpenpiUnavailable(ValueError):
-    """openpi cannot be imported; the message says how to install it."""
+class OpenpiUnavailable(DependencyUnavailable):
+    """openpi, or a module it imports, cannot be imported; the message names which."""
 
 
 def _openpi(name: str):
+    hint, who = INSTALL_HINT.format(name=name), f"policy {name!r}: "
     try:
-        from openpi.policies import policy_config
-        from openpi.training import config as training_config
-    except ImportError:
-        raise OpenpiUnavailable(INSTALL_HINT.format(name=name)) from None
+        policy_config = import_optional("openpi.policies.policy_config", hint, who)
+        training_config = import_optional("openpi.training.config", hint, who)
+    except DependencyUnavailable as err:
+        raise OpenpiUnavailable(str(err)) from None
     return policy_config, training_config
 
 

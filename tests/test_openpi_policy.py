@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -91,3 +92,22 @@ def test_presets_select_pi05_stacks_by_their_real_names(pi05_modules):
     assert not any(name.endswith("lm_head") or "multi_modal_projector" in name for name in every)
     expert_layer = dict(pi05_modules.named_modules())["paligemma_with_expert.gemma_expert.model.layers.0.mlp.up_proj"]
     assert (expert_layer.in_features, expert_layer.out_features) == (1024, 4096)
+
+
+def test_a_missing_module_inside_openpi_is_named(tmp_path):
+    """openpi present but one of its own imports missing: the error names that module, not 'needs openpi'."""
+    package = tmp_path / "openpi"
+    (package / "policies").mkdir(parents=True)
+    (package / "training").mkdir()
+    for init in (package, package / "policies", package / "training"):
+        (init / "__init__.py").write_text("")
+    (package / "policies" / "policy_config.py").write_text("import lerobot_absent_dependency\n")
+    (package / "training" / "config.py").write_text("")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    result = subprocess.run([sys.executable, str(ROOT / "examples/libero/main.py"), "policy=openpi_pi05",
+                             f"policy.path={tmp_path}"], check=False, capture_output=True, text=True, timeout=120,
+                            cwd=ROOT, env=env)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "No module named 'lerobot_absent_dependency'" in result.stderr
+    assert "openpi is installed" in result.stderr and "needs openpi, which" not in result.stderr

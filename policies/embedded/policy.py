@@ -11,37 +11,14 @@ import torch
 from policies.base import ACTION_DIM, ObservationBatch, ObsMode, Policy, file_sha256, resolve_device
 from policies.embedded.model import EmbeddedVLA, load_weights
 from policies.embedded.text import InstructionEncoder
+from policies.noise import episode_noise
+from policies.scopes import pi0_presets
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 DEFAULT_WEIGHTS = WEIGHTS_DIR / "model.safetensors"
 
 _LAYER = r"(^|\.){stack}\.layers\.\d+\."  # also matches when the model sits under a prefix
-_BACKBONE, _EXPERT = _LAYER.format(stack="backbone"), _LAYER.format(stack="expert")
-_ATTN, _MLP = r"self_attn\.(q|k|v|o)_proj$", r"mlp\.(gate|up|down)_proj$"
 _NOT_IN_STACKS = [r"(^|\.)(action_in_proj|action_out_proj|time_mlp_in|time_mlp_out|text_proj|state_proj|pose_proj)$"]
-
-
-def _preset(*include: str) -> dict[str, list[str]]:
-    return {"include": list(include), "exclude": list(_NOT_IN_STACKS)}
-
-
-SCOPE_PRESETS = {
-    "llm": _preset(_BACKBONE + _ATTN, _BACKBONE + _MLP),
-    "expert": _preset(_EXPERT + _ATTN, _EXPERT + _MLP),
-    "llm+expert": _preset(_BACKBONE + _ATTN, _BACKBONE + _MLP, _EXPERT + _ATTN, _EXPERT + _MLP),
-    "expert_mlp": _preset(_EXPERT + _MLP),
-    "qkvo": _preset(_BACKBONE + _ATTN, _EXPERT + _ATTN),
-}
-SCOPE_PRESETS["default"] = SCOPE_PRESETS["llm+expert"]
-
-
-def episode_noise(seeds: list[int], steps: list[int], shape: tuple[int, ...]) -> torch.Tensor:
-    """One noise sample per row, a function of (episode seed, step) only: reruns and batch layouts agree."""
-    rows = []
-    for seed, step in zip(seeds, steps):
-        key = int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(step)]).generate_state(2, np.uint64)[0] >> 1)
-        rows.append(torch.randn(shape, generator=torch.Generator().manual_seed(key)))
-    return torch.stack(rows)
 
 
 class EmbeddedPolicy(Policy):
@@ -87,7 +64,7 @@ class EmbeddedPolicy(Policy):
         return str(self._path)
 
     def scope_presets(self) -> dict[str, dict[str, list[str]]]:
-        return {name: {k: list(v) for k, v in preset.items()} for name, preset in SCOPE_PRESETS.items()}
+        return pi0_presets(_LAYER.format(stack="backbone"), _LAYER.format(stack="expert"), _NOT_IN_STACKS)
 
     def describe(self) -> dict:
         c = self._model.config
