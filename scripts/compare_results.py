@@ -7,7 +7,8 @@ Per task and overall: success rate with its Wilson 95% interval, and the differe
 percentage points. Overall, an exact McNemar test on the episodes two runs share (same suite, task and init
 state): of the pairs whose outcomes differ, b where only the first run succeeded and c where only the other did,
 p is the two-sided binomial test of b successes in b + c at 1/2. Then policy latency (p50, p90) and peak memory,
-with their ratio to the first file. Runs evaluated under different protocols are refused unless --force;
+with their ratio to the first file. Runs evaluated under different protocols, or with errored episodes (the policy or
+simulator raised: not policy failures), are refused unless --force, which leaves errored episodes out;
 different simulator versions are reported as a warning.
 """
 
@@ -26,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from examples.libero.results import ResultsError, rate_summary, read_results  # noqa: E402
+from examples.libero.results import ResultsError, error_summary, errored, rate_summary, read_results  # noqa: E402
 
 # What an episode means: runs that differ here measured different things.
 PROTOCOL_KEYS = (
@@ -46,6 +47,10 @@ FORMATS = ("table", "markdown", "csv", "json")
 
 class ProtocolMismatch(ValueError):
     pass
+
+
+class ErroredEpisodes(ValueError):
+    """A run has episodes that could not be evaluated; comparing them as failures would misread them."""
 
 
 def label(doc: dict) -> str:
@@ -74,10 +79,22 @@ def check_protocols(paths: list[Path], docs: list[dict]) -> None:
             )
 
 
+def check_errors(paths: list[Path], docs: list[dict]) -> None:
+    for path, doc in zip(paths, docs):
+        summary = error_summary(doc["episodes"])
+        if summary is not None:
+            raise ErroredEpisodes(
+                f"{path}: {summary}. Errored episodes are not policy failures; fix and rerun them, or --force "
+                "compares the evaluated episodes only"
+            )
+
+
 def warnings_for(paths: list[Path], docs: list[dict]) -> list[str]:
     notes = [
         f"{path} is {doc['status']}, not complete" for path, doc in zip(paths, docs) if doc["status"] != "complete"
     ]
+    summaries = [(path, error_summary(doc["episodes"])) for path, doc in zip(paths, docs)]
+    notes += [f"{path}: {summary}, left out" for path, summary in summaries if summary is not None]
     for key in SIMULATOR_KEYS:
         seen = {(doc.get("versions") or {}).get(key) for doc in docs}
         if len(seen) > 1:
@@ -86,7 +103,9 @@ def warnings_for(paths: list[Path], docs: list[dict]) -> list[str]:
 
 
 def outcomes(doc: dict) -> dict[tuple[str, int, int], bool]:
-    return {(ep["suite"], ep["task_id"], ep["init_state"]): bool(ep["success"]) for ep in doc["episodes"]}
+    """Evaluated episodes' outcomes by (suite, task, init state); errored episodes have none."""
+    episodes = [ep for ep in doc["episodes"] if not errored(ep)]
+    return {(ep["suite"], ep["task_id"], ep["init_state"]): bool(ep["success"]) for ep in episodes}
 
 
 def mcnemar(base: dict, other: dict) -> dict:
@@ -98,10 +117,10 @@ def mcnemar(base: dict, other: dict) -> dict:
 
 
 def task_summaries(doc: dict) -> dict[tuple[str, int], dict]:
-    by_task: dict[tuple[str, int], list[bool]] = {}
+    by_task: dict[tuple[str, int], list[dict]] = {}
     for ep in doc["episodes"]:
-        by_task.setdefault((ep["suite"], ep["task_id"]), []).append(bool(ep["success"]))
-    return {key: rate_summary(sum(successes), len(successes)) for key, successes in by_task.items()}
+        by_task.setdefault((ep["suite"], ep["task_id"]), []).append(ep)
+    return {key: rate_summary(episodes) for key, episodes in by_task.items()}
 
 
 def with_deltas(summaries: list[dict]) -> list[dict]:
@@ -109,7 +128,7 @@ def with_deltas(summaries: list[dict]) -> list[dict]:
     base = summaries[0]
 
     def delta(s: dict) -> float | None:
-        return (s["success_rate"] - base["success_rate"]) * 100 if s["episodes"] and base["episodes"] else None
+        return (s["success_rate"] - base["success_rate"]) * 100 if s["evaluated"] and base["evaluated"] else None
 
     return [{**s, "delta_pts": delta(s)} for s in summaries]
 
@@ -120,10 +139,10 @@ def compare(paths: list[Path], docs: list[dict]) -> dict:
     names = {(ep["suite"], ep["task_id"]): ep["task"] for doc in docs for ep in doc["episodes"]}
     tasks = [
         {"suite": suite, "task_id": tid, "task": names[suite, tid],
-         "runs": with_deltas([summaries.get((suite, tid)) or rate_summary(0, 0) for summaries in per_run])}
+         "runs": with_deltas([summaries.get((suite, tid)) or rate_summary([]) for summaries in per_run])}
         for suite, tid in sorted(names)
     ]  # fmt: skip
-    overall = [rate_summary(sum(e["success"] for e in doc["episodes"]), len(doc["episodes"])) for doc in docs]
+    overall = [rate_summary(doc["episodes"]) for doc in docs]
     runs = [
         {"path": str(path), "label": name, "run_id": doc["run_id"], "status": doc["status"],
          "latency_ms": {k: doc["timing"]["policy_latency_ms"][k] for k in ("p50", "p90")},
@@ -144,10 +163,11 @@ def compare(paths: list[Path], docs: list[dict]) -> dict:
 
 
 def rate_cell(summary: dict) -> str:
-    if not summary["episodes"]:
-        return "-"
+    if not summary["evaluated"]:
+        return f"- ({summary['errored']} errored)" if summary["errored"] else "-"
     lo, hi = summary["ci95"]
-    return f"{summary['success_rate']:.1%} ({summary['successes']}/{summary['episodes']}) [{lo:.2f}, {hi:.2f}]"
+    cell = f"{summary['success_rate']:.1%} ({summary['successes']}/{summary['evaluated']}) [{lo:.2f}, {hi:.2f}]"
+    return cell + (f" +{summary['errored']} errored" if summary["errored"] else "")
 
 
 def number(value: float | None, fmt: str = "{:.1f}") -> str:
@@ -196,12 +216,13 @@ def render_csv(result: dict) -> str:
     """One row per run and task (then overall), numbers as numbers: a table for pandas or a spreadsheet."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["file", "label", "suite", "task_id", "episodes", "successes", "success_rate", "ci95_low",
+    writer.writerow(["file", "label", "suite", "task_id", "episodes", "evaluated", "errored", "successes", "success_rate", "ci95_low",
                      "ci95_high", "delta_pts", "mcnemar_b", "mcnemar_c", "mcnemar_p", "latency_p50_ms",
                      "latency_p90_ms", "peak_rss_mb", "cuda_max_allocated_mb"])  # fmt: skip
 
     def rate(s: dict) -> list:
-        return [s["episodes"], s["successes"], s["success_rate"], *(s["ci95"] or [None, None]), s["delta_pts"]]
+        return [s["episodes"], s["evaluated"], s["errored"], s["successes"], s["success_rate"],
+                *(s["ci95"] or [None, None]), s["delta_pts"]]
 
     for i, run in enumerate(result["runs"]):
         for task in result["tasks"]:
@@ -227,9 +248,9 @@ def plot(result: dict, path: Path) -> None:
     x, width = np.arange(len(groups)), 0.8 / len(per_run)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(groups) * len(per_run)), 4.0))
     for i, (run, summaries) in enumerate(zip(result["runs"], per_run)):
-        rates = np.array([s["success_rate"] if s["episodes"] else np.nan for s in summaries])
-        lo = np.array([s["ci95"][0] if s["episodes"] else np.nan for s in summaries])
-        hi = np.array([s["ci95"][1] if s["episodes"] else np.nan for s in summaries])
+        rates = np.array([s["success_rate"] if s["evaluated"] else np.nan for s in summaries])
+        lo = np.array([s["ci95"][0] if s["evaluated"] else np.nan for s in summaries])
+        hi = np.array([s["ci95"][1] if s["evaluated"] else np.nan for s in summaries])
         ax.bar(x + (i - (len(per_run) - 1) / 2) * width, rates, width, yerr=[rates - lo, hi - rates], capsize=3,
                label=run["label"])  # fmt: skip
     ax.set_xticks(x, groups, rotation=45 if len(groups) > 8 else 0)
@@ -246,13 +267,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("results", nargs="+", type=Path, help="results JSON files; the first is the baseline")
     parser.add_argument("--format", choices=FORMATS, default="table")
     parser.add_argument("--plot", type=Path, help="write a grouped bar chart (PNG) of the success rates")
-    parser.add_argument("--force", action="store_true", help="compare even when the protocols differ")
+    parser.add_argument("--force", action="store_true",
+                        help="compare even when the protocols differ or a run has errored episodes (left out)")
     args = parser.parse_args(argv)
     try:
         docs = [read_results(path) for path in args.results]
         if not args.force:
             check_protocols(args.results, docs)
-    except (ResultsError, ProtocolMismatch) as exc:
+            check_errors(args.results, docs)
+    except (ResultsError, ProtocolMismatch, ErroredEpisodes) as exc:
         sys.exit(f"error: {exc}")
     result = compare(args.results, docs)
     for note in result["warnings"]:

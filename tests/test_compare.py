@@ -21,11 +21,12 @@ PROTOCOL = {"suite": "libero_spatial", "num_steps_wait": 10, "max_steps": 220, "
 VERSIONS = {"mujoco": "3.17.0", "robosuite": "1.4.0", "libero": "0.1.1"}
 
 
-def write_run(path: Path, successes: dict[tuple[int, int], bool], quant: str = "fp", latency_ms: float = 10.0,
+def write_run(path: Path, successes: dict[tuple[int, int], bool | str], quant: str = "fp", latency_ms: float = 10.0,
               protocol: dict | None = None, versions: dict | None = None) -> Path:  # fmt: skip
-    """A results file as the harness writes it, from (task, init state) -> success."""
+    """A results file as the harness writes it, from (task, init state) -> success, or an error message."""
     episodes = [{"suite": "libero_spatial", "task_id": t, "task": f"task {t}", "episode": e, "init_state": e,
-                 "success": ok, "wall_s": 1.0, "call_latencies_ms": [latency_ms], "env_step_ms": [1.0]}
+                 "success": ok is True, "error": ok if isinstance(ok, str) else None, "wall_s": 1.0,
+                 "call_latencies_ms": [latency_ms], "env_step_ms": [1.0]}
                 for (t, e), ok in successes.items()]  # fmt: skip
     header = {"run_id": path.stem, "policy": {"name": "embedded"}, "quant": {"mode": quant, "w_bits": 4, "a_bits": 8},
               "protocol": {**PROTOCOL, **(protocol or {})}, "versions": {**VERSIONS, **(versions or {})},
@@ -112,3 +113,24 @@ def test_plot_writes_a_png(tmp_path, pair):
 
     image = imread(out)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_errored_episodes_are_refused_then_left_out_with_force(tmp_path, pair):
+    """An episode whose policy call raised is no policy failure: counting it as one would fake a quantization loss."""
+    base, _ = pair
+    broken = {**BASE, (0, 1): "TypeError: ufunc 'right_shift' not supported", (1, 0): "WorkerCrashed: exit -9"}
+    cand = write_run(tmp_path / "broken.json", broken, "duquant")
+    refused = compare(str(base), str(cand))
+    assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1
+    assert "2 of 20 episodes errored" in refused.stderr and "--force" in refused.stderr
+
+    forced = compare(str(base), str(cand), "--force", "--format", "json")
+    assert forced.returncode == 0, forced.stderr
+    result = json.loads(forced.stdout)
+    overall = result["overall"][1]
+    # (0, 1) and (1, 0) were successes in BASE: as errors they count in neither rate nor McNemar.
+    assert (overall["episodes"], overall["evaluated"], overall["errored"], overall["successes"]) == (20, 18, 2, 9)
+    assert result["mcnemar"][1] == {"shared": 18, "baseline_only": 0, "other_only": 0, "p_value": 1.0}
+    assert any("2 of 20 episodes errored" in w for w in result["warnings"])
+    table = compare(str(base), str(cand), "--force")
+    assert "(9/18)" in table.stdout and "+2 errored" in table.stdout

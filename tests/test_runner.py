@@ -16,9 +16,10 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from examples.libero.config import register_configs
-from examples.libero.evaluate import Evaluation
+from examples.libero.evaluate import Evaluation, RunFailed
 from examples.libero.results import TOP_LEVEL_KEYS
 from policies.base import ObservationBatch, ObsMode, Policy
+from policies.embedded import DEFAULT_WEIGHTS
 from policies.scripted_expert import ScriptedExpert
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,11 +56,30 @@ class Recording(Policy):
         self.inner.reset()
 
 
-class NaNPolicy(Policy):
-    name, obs_mode, chunk_size = "nan", ObsMode.STATE, 5
+class StillPolicy(Policy):
+    """Holds the arm still with the gripper open: every episode runs to max_steps and fails."""
+
+    name, obs_mode, chunk_size = "still", ObsMode.STATE, 5
 
     def predict(self, batch: ObservationBatch) -> np.ndarray:
-        return np.full((len(batch), self.chunk_size, 7), np.nan)
+        actions = np.zeros((len(batch), self.chunk_size, 7))
+        actions[..., -1] = -1.0
+        return actions
+
+
+class NaNPolicy(StillPolicy):
+    """Returns NaN actions for the episodes named in ``broken`` (all when None)."""
+
+    name = "nan"
+
+    def __init__(self, broken: set[str] | None = None):
+        self.broken = broken
+
+    def predict(self, batch: ObservationBatch) -> np.ndarray:
+        actions = super().predict(batch)
+        rows = [i for i, eid in enumerate(batch.episode_ids) if self.broken is None or eid in self.broken]
+        actions[rows] = np.nan
+        return actions
 
 
 def test_expert_solves_a_spatial_task_with_a_complete_results_file(tmp_path):
@@ -82,12 +102,45 @@ def test_expert_solves_a_spatial_task_with_a_complete_results_file(tmp_path):
     assert len(policy.batches) == sum(ep["policy_calls"] for ep in doc["episodes"])
 
 
-def test_an_episode_error_is_recorded_and_the_run_goes_on(tmp_path):
+def test_an_episode_error_is_recorded_apart_and_the_run_goes_on(tmp_path):
+    cfg, resolved = make_run(["tasks=[0]", "trials_per_task=3", "suite.max_steps=10", f"results_dir={tmp_path}"])
+    evaluation = Evaluation(cfg, resolved, policy=NaNPolicy(broken={"libero_spatial/task0/ep1"}))
+    doc = json.loads(evaluation.run().read_text())
+    assert doc["status"] == "complete"
+    assert doc["overall"] == {**doc["overall"], "episodes": 3, "evaluated": 2, "errored": 1, "successes": 0,
+                              "success_rate": 0.0}  # fmt: skip
+    assert doc["tasks"][0]["errored"] == 1 and doc["tasks"][0]["evaluated"] == 2
+    assert [ep["error"] is not None for ep in doc["episodes"]] == [False, True, False]
+    assert "non-finite action" in doc["episodes"][1]["error"]
+    assert evaluation.errors.startswith("1 of 3 episodes errored")
+
+
+def test_a_run_whose_episodes_all_error_is_failed(tmp_path):
     cfg, resolved = make_run(["tasks=[0]", "trials_per_task=2", "suite.max_steps=10", f"results_dir={tmp_path}"])
-    path = Evaluation(cfg, resolved, policy=NaNPolicy()).run()
+    evaluation = Evaluation(cfg, resolved, policy=NaNPolicy())
+    with pytest.raises(RunFailed, match="every episode errored: 2 of 2 episodes errored.*non-finite action"):
+        evaluation.run()
+    doc = json.loads(evaluation.results_path.read_text())
+    assert doc["status"] == "failed" and doc["overall"]["errored"] == 2 and doc["overall"]["success_rate"] is None
+
+
+def test_cli_stops_a_policy_that_raises_on_every_call(tmp_path):
+    """Damaged weights (every float NaN) in a real checkpoint: one line, exit 2, status failed after 3 episodes."""
+    weights = tmp_path / "model.safetensors"
+    data = bytearray(DEFAULT_WEIGHTS.read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")
+    data[header:] = b"\xff" * (len(data) - header)
+    weights.write_bytes(bytes(data))
+    proc = cli("policy=embedded", f"policy.path={weights}", "tasks=[0,1]", "trials_per_task=5", "num_envs=1",
+               "suite.max_steps=20", f"results_dir={tmp_path}", "progress=false")  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("error: the first 3 episodes all raised PolicyOutputError: policy returned a non-finite")
+    path = next((tmp_path / "libero_spatial").glob("*.json"))
+    assert str(path) in lines[0]
     doc = json.loads(path.read_text())
-    assert doc["status"] == "complete" and doc["overall"] == {**doc["overall"], "episodes": 2, "successes": 0}
-    assert all("non-finite action" in ep["error"] for ep in doc["episodes"])
+    assert doc["status"] == "failed" and doc["overall"]["episodes"] == 3 and doc["overall"]["errored"] == 3
 
 
 @pytest.mark.parametrize(
@@ -143,7 +196,7 @@ def test_interrupt_leaves_valid_results_and_resume_finishes_without_duplicates(t
 
 def test_resume_refuses_a_different_config(tmp_path):
     cfg, resolved = make_run(["tasks=[0]", "trials_per_task=1", "suite.max_steps=5", f"results_dir={tmp_path}"])
-    path = Evaluation(cfg, resolved, policy=NaNPolicy()).run()
+    path = Evaluation(cfg, resolved, policy=StillPolicy()).run()
     proc = cli(f"resume={path}", "tasks=[0]", "trials_per_task=2", "suite.max_steps=5", f"results_dir={tmp_path}")
     assert proc.returncode == 2 and "trials_per_task" in proc.stderr
 
@@ -151,7 +204,7 @@ def test_resume_refuses_a_different_config(tmp_path):
 def test_video_is_written_per_episode(tmp_path):
     cfg, resolved = make_run(["tasks=[0]", "trials_per_task=1", "suite.max_steps=5", "video=true",
                               "protocol.camera_size=64", f"results_dir={tmp_path}"])  # fmt: skip
-    doc = json.loads(Evaluation(cfg, resolved, policy=NaNPolicy()).run().read_text())
+    doc = json.loads(Evaluation(cfg, resolved, policy=StillPolicy()).run().read_text())
     video = Path(doc["episodes"][0]["video"])
     assert video.name == "libero_spatial_task00_ep00_failure.mp4" and video.stat().st_size > 0
 

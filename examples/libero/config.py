@@ -103,6 +103,8 @@ class RunConfig:
     join_rounds: Optional[int] = None  # rounds a starting episode sits out so others go on; None = from the reset
     step_timeout_s: float = 60.0  # a worker silent this long per env step is deemed hung and restarted
     shard: Optional[str] = None  # "i/n": run every n-th episode of the run's ordered list, starting at i
+    # A run whose first N episodes all raise the same exception stops as failed (0: never): it measures nothing.
+    abort_after_errors: int = 3
 
     def __post_init__(self) -> None:
         if self.num_envs is not None and self.num_envs < 1:
@@ -112,6 +114,8 @@ class RunConfig:
         if self.step_timeout_s <= 0:
             raise ConfigError(f"step_timeout_s must be > 0, got {self.step_timeout_s}")
         parse_shard(self.shard)
+        if self.abort_after_errors < 0:
+            raise ConfigError(f"abort_after_errors must be >= 0 (0 = never), got {self.abort_after_errors}")
         if not 1 <= self.trials_per_task <= MAX_TRIALS_PER_TASK:
             raise ConfigError(f"trials_per_task must be in 1..{MAX_TRIALS_PER_TASK}, got {self.trials_per_task}")
         bad = [t for t in self.task_ids if not 0 <= t < self.suite.num_tasks]

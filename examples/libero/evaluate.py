@@ -21,7 +21,15 @@ from tqdm import tqdm
 from examples.libero.config import RunConfig, parse_shard
 from examples.libero.env import Task, load_task
 from examples.libero.quantize import CalibratingPolicy, describe_layers
-from examples.libero.results import ResultsFile, config_differences, git_state, now_iso, versions
+from examples.libero.results import (
+    ResultsFile,
+    config_differences,
+    error_summary,
+    errored,
+    git_state,
+    now_iso,
+    versions,
+)
 from examples.libero.rollout import EpisodeOutcome, Protocol
 from examples.libero.scheduler import EpisodeInfo, Job, Scheduler, default_join_rounds
 from examples.libero.workers import EnvSpec, start_workers
@@ -32,6 +40,18 @@ log = logging.getLogger(__name__)
 
 class ResumeMismatch(ValueError):
     pass
+
+
+class RunFailed(RuntimeError):
+    """The run measured nothing: its episodes could not be evaluated. The message is one line."""
+
+
+def repeated_error(errors: list[str | None], n: int) -> str | None:
+    """The error of the first ``n`` episodes when all ``n`` raised the same exception type, else None."""
+    if n < 1 or len(errors) < n or any(e is None for e in errors[:n]):
+        return None
+    kinds = {e.split(":")[0] for e in errors[:n]}
+    return errors[0] if len(kinds) == 1 else None
 
 
 def episode_seed(run_seed: int, task_id: int, episode: int) -> int:
@@ -72,6 +92,8 @@ class Evaluation:
         self._calls_before = 0  # calibration calls replayed for a resumed run belong to no new record
         self.num_envs: int | None = None  # the worker count once run() starts
         self.status: str | None = None  # the run's final status once run() returns
+        self.results_path: Path | None = None  # the results JSON once it exists
+        self.errors: str | None = None  # one line on the errored episodes once run() returns, if any
 
     # -- set-up -------------------------------------------------------------------------------------------------
 
@@ -160,6 +182,7 @@ class Evaluation:
                 scheduler.prepare(pending[0].task_id)  # fail on rendering before any file is written
             if results is None:
                 results = self._create_results()
+            self.results_path = results.json_path
             results.update(execution={"num_envs": self.num_envs, "join_rounds": self.join_rounds})
             self._policy().reset()  # once per run: policies keep per-episode state by episode id
             if self.calibrator is not None and self.cfg.resume is not None:
@@ -174,8 +197,14 @@ class Evaluation:
         bar = tqdm(total=initial + len(pending), initial=initial, desc=self.cfg.suite.name, unit="ep",
                    disable=not self.cfg.progress)  # fmt: skip
 
+        first_errors: list[str | None] = []  # of this session's first episodes: a policy that always raises
+        n = self.cfg.abort_after_errors if self.cfg.abort_after_errors < len(pending) else 0  # else: the end decides
+
         def finished(job: Job, out: EpisodeOutcome, wall_s: float) -> None:
             self._record(results, job, out, wall_s)
+            first_errors.append(out.error)
+            if len(first_errors) == n and (error := repeated_error(first_errors, n)) is not None:
+                raise RunFailed(f"the first {n} episodes all raised {error.splitlines()[0]}")
             if self.calibrator is not None and self.calibrator.calibrated and self._rescore_pending:
                 pending.extend(Job(j.task_id, j.episode, rescore=True) for j in self._rescore_pending)
                 self._rescore_pending = []
@@ -186,6 +215,8 @@ class Evaluation:
         status = "failed"
         try:
             scheduler.run(pending, finished, serial=self._calibrating)
+            if results.episodes and all(errored(e) for e in results.episodes):
+                raise RunFailed(f"every episode errored: {error_summary(results.episodes)}")
             status = "complete"
         except KeyboardInterrupt:
             status = "interrupted"
@@ -194,7 +225,7 @@ class Evaluation:
             bar.close()
             self._record_quant(results)
             results.write(status)
-        self.status = status
+            self.status, self.errors = status, error_summary(results.episodes)
 
     def _policy(self) -> Policy:
         return self.calibrator if self.calibrator is not None else self.policy

@@ -24,7 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from examples.libero.config import RunConfig, register_configs
 from examples.libero.env import RenderingUnavailable
-from examples.libero.evaluate import Evaluation, ResumeMismatch
+from examples.libero.evaluate import Evaluation, ResumeMismatch, RunFailed
 from examples.libero.results import flatten_config, read_results
 
 register_configs()
@@ -105,7 +105,11 @@ def main(dcfg: DictConfig) -> Path | None:
         path = evaluation.run()
     except (RenderingUnavailable, ResumeMismatch, FileNotFoundError) as exc:
         fail(str(exc))
+    except RunFailed as exc:
+        fail(f"{exc}; run marked failed in {evaluation.results_path}")
     print(f"results: {path}")
+    if evaluation.errors is not None:
+        print(f"warning: {evaluation.errors} (not counted as policy failures)", file=sys.stderr)
     if evaluation.status == "interrupted":
         print(f"interrupted: continue with resume={path}", file=sys.stderr)
         sys.exit(130)

@@ -28,7 +28,7 @@ TOP_LEVEL_KEYS = (
 )  # fmt: skip
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Config keys that say how a run executes, not what it measures: a resumed run may change them.
-EXECUTION_KEYS = ("resume", "progress", "num_envs", "join_rounds", "step_timeout_s")
+EXECUTION_KEYS = ("resume", "progress", "num_envs", "join_rounds", "step_timeout_s", "abort_after_errors")
 
 
 def config_differences(a: dict, b: dict, ignore: tuple[str, ...] = EXECUTION_KEYS) -> list[str]:
@@ -57,19 +57,35 @@ def wilson_interval(successes: int, n: int) -> list[float] | None:
     return [float(ci.low), float(ci.high)]
 
 
-def rate_summary(successes: int, n: int) -> dict:
-    return {"episodes": n, "successes": successes, "success_rate": successes / n if n else None,
-            "ci95": wilson_interval(successes, n)}  # fmt: skip
+def errored(episode: dict) -> bool:
+    """An episode that could not be evaluated (the policy or the simulator raised, a worker died): not a policy
+    failure, so it counts in no success rate."""
+    return episode.get("error") is not None
+
+
+def rate_summary(episodes: list[dict]) -> dict:
+    """Success over the evaluated episodes, with errored ones counted apart."""
+    evaluated = [e for e in episodes if not errored(e)]
+    successes = sum(bool(e["success"]) for e in evaluated)
+    n = len(evaluated)
+    return {"episodes": len(episodes), "evaluated": n, "errored": len(episodes) - n, "successes": successes,
+            "success_rate": successes / n if n else None, "ci95": wilson_interval(successes, n)}  # fmt: skip
 
 
 def summarize_tasks(episodes: list[dict]) -> list[dict]:
     by_task: dict[int, list[dict]] = {}
     for ep in episodes:
         by_task.setdefault(ep["task_id"], []).append(ep)
-    return [
-        {"task_id": tid, "task": eps[0]["task"], **rate_summary(sum(e["success"] for e in eps), len(eps))}
-        for tid, eps in sorted(by_task.items())
-    ]
+    return [{"task_id": tid, "task": eps[0]["task"], **rate_summary(eps)} for tid, eps in sorted(by_task.items())]
+
+
+def error_summary(episodes: list[dict]) -> str | None:
+    """One line on the errored episodes: how many, and the most frequent error."""
+    errors = [e["error"] for e in episodes if errored(e)]
+    if not errors:
+        return None
+    common = max(set(errors), key=errors.count)
+    return f"{len(errors)} of {len(episodes)} episodes errored; most often ({errors.count(common)}x): {common}"
 
 
 def _percentiles(values: list[float]) -> dict:
@@ -117,7 +133,7 @@ def summary_document(header: dict, episodes: list[dict], status: str, total_wall
         "finished_at": None if status == "running" else now_iso(),
         "tasks": summarize_tasks(episodes),
         "episodes": episodes,
-        "overall": rate_summary(sum(e["success"] for e in episodes), len(episodes)),
+        "overall": rate_summary(episodes),
         "timing": summarize_timing(episodes, total_wall_s),
     }
 

@@ -63,6 +63,7 @@ def run_outcome(job_return: JobReturn) -> dict:
         return {"status": "error", "results": str(path), "error": str(exc)}
     overall = doc["overall"]
     return {"status": doc["status"], "results": str(path), "episodes": overall["episodes"],
+            "evaluated": overall.get("evaluated", overall["episodes"]), "errored": overall.get("errored", 0),
             "successes": overall["successes"], "success_rate": overall["success_rate"]}  # fmt: skip
 
 
@@ -79,7 +80,9 @@ def markdown_table(index: dict) -> str:
              "| --- | " + "--- | " * len(swept) + "--- | --- | --- |"]  # fmt: skip
     for run in index["runs"]:
         values = override_values(run["overrides"])
-        success = f"{run['successes']}/{run['episodes']} ({run['success_rate']:.1%})" if run.get("episodes") else "-"
+        success = f"{run['successes']}/{run['evaluated']} ({run['success_rate']:.1%})" if run.get("evaluated") else "-"
+        if run.get("errored"):
+            success += f", {run['errored']} errored"
         cells = [str(run["job"]), *(values.get(key, "") for key in swept), run["status"], success,
                  run.get("results") or run.get("error") or "-"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
