@@ -8,8 +8,14 @@ TORCH_SPEC ?= torch==2.13.0
 # policy=lerobot_* is tested in a venv of its own: lerobot needs transformers<5, the project venv has 5.x.
 LEROBOT_VENV ?= .venv-lerobot
 LEROBOT_PY := $(LEROBOT_VENV)/bin/python
+# The reference simulator stack (the [reference] extra: MuJoCo 2.3.7, numpy 1.26, as openpi pins numpy<2) in a venv of
+# its own, where the policies, noise, results and short real rollouts are tested too.
+NUMPY1_VENV ?= .venv-numpy1
+NUMPY1_PY := $(NUMPY1_VENV)/bin/python
+NUMPY1_TESTS := tests/test_noise.py tests/test_embedded_policy.py tests/test_results.py \
+	"tests/test_runner_quant.py::test_calibration_uses_the_first_real_calls_and_is_recorded[False-1]"
 
-.PHONY: install install-lerobot run test test-lerobot bench clean
+.PHONY: install install-lerobot install-numpy1 run test test-lerobot test-numpy1 bench clean
 
 install: $(VENV)/.installed
 
@@ -30,18 +36,30 @@ $(LEROBOT_VENV)/.installed: pyproject.toml tests/lerobot_adapter/requirements.tx
 	$(LEROBOT_PY) -m pip install -q --no-deps lerobot==0.4.4
 	touch $@
 
+install-numpy1: $(NUMPY1_VENV)/.installed
+
+$(NUMPY1_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(NUMPY1_VENV)
+	$(NUMPY1_PY) -m pip install -q --upgrade pip
+	$(NUMPY1_PY) -m pip install -q $(TORCH_SPEC) -e ".[reference,test]"
+	touch $@
+
 run: install
 	VENV=$(VENV) bash examples/libero/run_optimized_duquant.sh $(ARGS)
 
-test: install install-lerobot
+test: install install-lerobot install-numpy1
 	$(PY) -m pytest -q tests
 	$(LEROBOT_PY) -m pytest -q tests/lerobot_adapter
+	$(NUMPY1_PY) -m pytest -q $(NUMPY1_TESTS)
 
 test-lerobot: install-lerobot
 	$(LEROBOT_PY) -m pytest -q tests/lerobot_adapter
+
+test-numpy1: install-numpy1
+	$(NUMPY1_PY) -m pytest -q $(NUMPY1_TESTS)
 
 bench: install
 	$(PY) scripts/bench_duquant.py
 
 clean:
-	rm -rf $(VENV) $(LEROBOT_VENV) results/hydra
+	rm -rf $(VENV) $(LEROBOT_VENV) $(NUMPY1_VENV) results/hydra
