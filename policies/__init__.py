@@ -24,21 +24,22 @@ class UnknownPolicyError(ValueError):
     pass
 
 
-def make_policy(name: str, path: str | None = None, device: str = "auto", tokenizer: str | None = None) -> Policy:
+def make_policy(name: str, path: str | None = None, device: str = "auto", **options: str | None) -> Policy:
     """Build the policy registered as ``name``; the other arguments go to its ``from_config``.
 
-    ``tokenizer`` is for the policies whose ``from_config`` takes one (a
-    local tokenizer directory); any other policy refuses it.
+    ``options`` that are set (not None), such as ``tokenizer`` (a local tokenizer directory) or ``compile``, go
+    only to policies whose ``from_config`` takes them; any other policy refuses them.
     """
     if name not in REGISTRY:
         raise UnknownPolicyError(f"policy {name!r} is not registered; available: {', '.join(sorted(REGISTRY))}")
     module_name, class_name = REGISTRY[name].split(":")
     cls = getattr(importlib.import_module(module_name), class_name)
-    if tokenizer is None:
-        return cls.from_config(path=path, device=device)
-    if "tokenizer" not in inspect.signature(cls.from_config).parameters:
-        raise ValueError(f"policy {name!r} takes no tokenizer (got policy.tokenizer={tokenizer!r})")
-    return cls.from_config(path=path, device=device, tokenizer=tokenizer)
+    given = {key: value for key, value in options.items() if value is not None}
+    accepted = inspect.signature(cls.from_config).parameters
+    for key, value in given.items():
+        if key not in accepted:
+            raise ValueError(f"policy {name!r} takes no {key} (got policy.{key}={value!r})")
+    return cls.from_config(path=path, device=device, **given)
 
 
 __all__ = ["ObservationBatch", "ObsMode", "Policy", "collate", "make_policy", "REGISTRY", "UnknownPolicyError"]

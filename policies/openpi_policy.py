@@ -10,12 +10,14 @@ fail there rather than leaving random ones.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from policies.base import ACTION_DIM, ObservationBatch, ObsMode, Policy, resolve_device
+from policies.checkpoints import state_dict_mismatch
 from policies.noise import episode_noise
 from policies.optional import DependencyUnavailable, import_optional
 from policies.scopes import pi0_presets
@@ -45,6 +47,25 @@ def scope_presets() -> dict[str, dict[str, list[str]]]:
     return pi0_presets(_LLM, _EXPERT, _EXCLUDE, vision=[_VISION + _VISION_LINEARS])
 
 
+# torch.compile modes openpi's Pi0Config accepts, plus "none". openpi's own default, max-autotune, took 227 s on a
+# cold CPU before the first action; "auto" compiles only on CUDA and without autotuning, which a run of a few
+# hundred episodes does not repay.
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_mode(compile: str | None, device: str) -> str:
+    """The torch.compile mode for ``policy.compile`` (None = auto) on ``device``."""
+    if compile in (None, "auto"):
+        return "default" if device.startswith("cuda") else "none"
+    if compile not in COMPILE_MODES:
+        raise ValueError(f"policy.compile={compile!r} is not one of auto, {', '.join(COMPILE_MODES)}")
+    return compile
+
+
+class OpenpiCheckpointError(ValueError):
+    """The checkpoint does not fit the openpi config; the message names the directory and the first tensors."""
+
+
 class OpenpiUnavailable(DependencyUnavailable):
     """openpi, or a module it imports, cannot be imported; the message names which."""
 
@@ -65,8 +86,9 @@ class OpenpiPolicy(Policy):
     obs_mode = ObsMode.RGB
     training_config: str  # the openpi training config the checkpoint was trained with
 
-    def __init__(self, checkpoint_dir: str | Path, *, device: str):
+    def __init__(self, checkpoint_dir: str | Path, *, device: str, compile: str | None = None):
         policy_config, training_config = _openpi(self.name)
+        self.compile = compile_mode(compile, device)
         self._path = Path(checkpoint_dir)
         if not (self._path / "model.safetensors").is_file():
             raise FileNotFoundError(
@@ -74,16 +96,31 @@ class OpenpiPolicy(Policy):
                 "(convert a JAX one with openpi's examples/convert_jax_model_to_pytorch.py)"
             )
         config = training_config.get_config(self.training_config)
-        self._policy = policy_config.create_trained_policy(config, self._path, pytorch_device=device)
+        # openpi wraps sample_actions in torch.compile when it builds the model; this adapter compiles it itself,
+        # with dynamic shapes, so batch sizes and (after calibration) quantized layers do not recompile per call.
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, pytorch_compile_mode=None))
+        try:
+            self._policy = policy_config.create_trained_policy(config, self._path, pytorch_device=device)
+        except RuntimeError as err:
+            mismatch = state_dict_mismatch(err)
+            if mismatch is None:
+                raise
+            raise OpenpiCheckpointError(
+                f"{self._path}/model.safetensors does not fit openpi's {self.training_config!r} model: {mismatch}"
+            ) from None
+        if self.compile != "none":
+            self._policy._sample_actions = torch.compile(self.module.sample_actions, mode=self.compile, dynamic=True)
         self.chunk_size = config.model.action_horizon
         self._noise_shape = (config.model.action_horizon, config.model.action_dim)
 
     @classmethod
-    def from_config(cls, path: str | None = None, device: str = "auto") -> OpenpiPolicy:
+    def from_config(cls, path: str | None = None, device: str = "auto", compile: str | None = None) -> OpenpiPolicy:
         _openpi(cls.name)  # the install hint comes before any complaint about the path
         if path is None:
             raise ValueError(f"policy {cls.name!r} needs policy.path=<openpi PyTorch checkpoint directory>")
-        return cls(path, device=resolve_device(device))
+        device = resolve_device(device)
+        compile_mode(compile, device)  # a bad value before minutes of loading
+        return cls(path, device=device, compile=compile)
 
     def predict(self, batch: ObservationBatch) -> np.ndarray:
         noise = episode_noise(batch.episode_seeds, batch.steps, self._noise_shape).numpy()
@@ -101,7 +138,7 @@ class OpenpiPolicy(Policy):
 
     @property
     def module(self) -> torch.nn.Module:
-        return self._policy._model  # openpi's Policy keeps its PyTorch model here and exposes no accessor
+        return self._policy._model  # openpi's Policy keeps its PyTorch model (and _sample_actions) with no accessor
 
     @property
     def checkpoint(self) -> str:
@@ -111,7 +148,7 @@ class OpenpiPolicy(Policy):
         return scope_presets()
 
     def describe(self) -> dict:
-        return {"openpi_config": self.training_config, "chunk_size": self.chunk_size,
+        return {"openpi_config": self.training_config, "chunk_size": self.chunk_size, "compile": self.compile,
                 "noise_shape": list(self._noise_shape), "params": sum(p.numel() for p in self.module.parameters())}  # fmt: skip
 
 

@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -158,7 +158,7 @@ def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         cfg = load_config(argv)
-        policy = make_policy(cfg.policy.name, cfg.policy.path, cfg.policy.device, cfg.policy.tokenizer)
+        policy = make_policy(**asdict(cfg.policy))
         if cfg.quant.dry_run:
             lines = describe_layers(policy, cfg.quant)
             print("\n".join(lines))

@@ -13,7 +13,7 @@ import torch
 
 from duquant import LayerSelection, select_layers
 from policies import make_policy
-from policies.openpi_policy import OpenpiUnavailable, scope_presets
+from policies.openpi_policy import OpenpiUnavailable, compile_mode, scope_presets
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -111,3 +111,10 @@ def test_a_missing_module_inside_openpi_is_named(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "No module named 'lerobot_absent_dependency'" in result.stderr
     assert "openpi is installed" in result.stderr and "needs openpi, which" not in result.stderr
+
+
+def test_compile_defaults_to_none_on_cpu_and_refuses_unknown_modes():
+    assert compile_mode(None, "cpu") == compile_mode("auto", "cpu") == "none"
+    assert compile_mode(None, "cuda:0") == "default" and compile_mode("max-autotune", "cpu") == "max-autotune"
+    with pytest.raises(ValueError, match="policy.compile='fast' is not one of auto, none, default"):
+        compile_mode("fast", "cpu")

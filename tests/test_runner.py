@@ -154,6 +154,8 @@ def test_cli_stops_a_policy_that_raises_on_every_call(tmp_path):
         ("protocol.replan_steps=0", "replan_steps"),
         ("policy.name=nope", "not registered"),
         ("policy.tokenizer=/tok", "takes no tokenizer"),
+        ("policy.compile=default", "takes no compile"),
+        ("abort_after_errors=-1", "abort_after_errors"),
         ("quant.w_bits=9", "w_bits"),
     ],
 )

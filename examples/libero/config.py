@@ -41,6 +41,7 @@ class PolicyConfig:
     path: Optional[str] = None  # checkpoint file or directory; None = the policy's default
     device: str = "auto"  # auto = cuda when available, else cpu
     tokenizer: Optional[str] = None  # lerobot_*: local tokenizer (and VLM files) directory; None = <path>/tokenizer
+    compile: Optional[str] = None  # openpi_*: torch.compile mode or none; None = auto (none on CPU, default on CUDA)
 
 
 @dataclass

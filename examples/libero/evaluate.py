@@ -79,7 +79,7 @@ class Evaluation:
         self.stop = threading.Event()  # set by a signal handler: the run stops at the next chunk, resumable
         self.resolved_config = resolved_config
         if policy is None:
-            policy = make_policy(cfg.policy.name, cfg.policy.path, cfg.policy.device, cfg.policy.tokenizer)
+            policy = make_policy(**asdict(cfg.policy))
         self.policy = policy
         self.protocol = Protocol(
             num_steps_wait=cfg.protocol.num_steps_wait, max_steps=cfg.suite.max_steps, replan_steps=cfg.protocol.replan_steps
