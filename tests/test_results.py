@@ -1,11 +1,16 @@
 """The results file: naming, counts, Wilson intervals, JSONL as source of truth."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from scipy import stats
 
 from examples.libero.results import TOP_LEVEL_KEYS, ResultsFile, wilson_interval
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def record(task_id, episode, success, task="pick"):
@@ -50,3 +55,25 @@ def test_reload_keeps_the_latest_record_and_survives_a_torn_line(tmp_path):
     assert again.header["config"] == {"x": 1}
     again.append(record(1, 0, True))
     assert ResultsFile.load(a.json_path).done() == {(0, 0), (1, 0)}
+
+
+def test_a_last_record_without_its_newline_is_kept_and_ended(tmp_path):
+    """A crash between a record and its newline: the record is complete, and the next one must not join its line."""
+    a = ResultsFile.create(tmp_path, "libero_spatial", "p", "fp", {"config": {"x": 1}})
+    a.append(record(0, 0, False))
+    a.append(record(0, 1, True))
+    a.jsonl_path.write_text(a.jsonl_path.read_text().rstrip("\n"))
+    again = ResultsFile.load(a.json_path)
+    assert again.done() == {(0, 0), (0, 1)}
+    again.append(record(0, 2, True))
+    assert ResultsFile.load(a.json_path).done() == {(0, 0), (0, 1), (0, 2)}
+    assert len(a.jsonl_path.read_text().splitlines()) == 3
+
+
+def test_a_resume_file_of_random_bytes_is_named(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_bytes(bytes(range(128, 256)) * 4)
+    proc = subprocess.run([sys.executable, str(ROOT / "examples/libero/main.py"), f"resume={path}"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)  # fmt: skip
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert str(path) in proc.stderr and "Traceback" not in proc.stderr

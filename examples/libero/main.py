@@ -25,7 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 from examples.libero.config import RunConfig, register_configs
 from examples.libero.env import RenderingUnavailable
 from examples.libero.evaluate import Evaluation, ResumeMismatch, RunFailed
-from examples.libero.results import flatten_config, read_results
+from examples.libero.results import ResultsError, flatten_config, read_results
 
 register_configs()
 _ABSENT = object()
@@ -103,7 +103,7 @@ def main(dcfg: DictConfig) -> Path | None:
     signal.signal(signal.SIGTERM, request_stop)
     try:
         path = evaluation.run()
-    except (RenderingUnavailable, ResumeMismatch, FileNotFoundError) as exc:
+    except (RenderingUnavailable, ResumeMismatch, ResultsError, FileNotFoundError) as exc:
         fail(str(exc))
     except RunFailed as exc:
         fail(f"{exc}; run marked failed in {evaluation.results_path}")

@@ -153,7 +153,7 @@ def read_results(path: Path) -> dict:
     """A results JSON written by this harness, or a one-line ResultsError."""
     try:
         doc = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ResultsError(f"cannot read results file {path}: {exc}") from exc
     if not isinstance(doc, dict) or doc.get("schema_version") != SCHEMA_VERSION:
         raise ResultsError(f"{path} is not a results file of schema version {SCHEMA_VERSION}")
@@ -230,16 +230,21 @@ class ResultsFile:
         json_path = Path(json_path)
         if not json_path.is_file():
             raise FileNotFoundError(f"resume: no results file at {json_path}")
-        header = json.loads(json_path.read_text())
+        header = read_results(json_path)
         jsonl = json_path.with_suffix(".jsonl")
         records, torn = [], False
-        lines = jsonl.read_text().splitlines() if jsonl.is_file() else []
-        for line in lines:
+        try:
+            text = jsonl.read_text() if jsonl.is_file() else ""
+        except UnicodeDecodeError as exc:
+            raise ResultsError(f"cannot read episode records {jsonl}: {exc}") from exc
+        for line in text.splitlines():
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError:
                 torn = True  # a line cut by a hard kill: that episode simply runs again
-        if torn:  # drop it, or the next append would be glued onto it
+        # Rewrite a torn line away, and end a complete last record that lacks its newline: either way the next
+        # append would be glued onto it, and a later load would lose both records.
+        if torn or (text and not text.endswith("\n")):
             write_atomic(jsonl, "".join(json.dumps(r) + "\n" for r in records))
         latest = {(r["task_id"], r["episode"]): r for r in records}  # a rescored record supersedes its first run
         return cls(json_path, header, list(latest.values()))
