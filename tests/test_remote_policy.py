@@ -180,3 +180,8 @@ def test_no_server_is_a_bounded_one_line_failure():
                             check=False, capture_output=True, text=True, timeout=120, cwd=ROOT)  # fmt: skip
     assert result.returncode == 2 and result.stderr.startswith(f"error: no policy server at {address} after 3 attempts")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_server_refuses_a_bad_port_in_one_line():
+    proc = subprocess.run([sys.executable, str(SERVE), "port=70000"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: port must be in 0..65535, got 70000"

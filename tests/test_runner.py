@@ -156,6 +156,7 @@ def test_cli_stops_a_policy_that_raises_on_every_call(tmp_path):
         ("policy.tokenizer=/tok", "takes no tokenizer"),
         ("policy.compile=default", "takes no compile"),
         ("abort_after_errors=-1", "abort_after_errors"),
+        ("seed=-1", "seed must be in 0..4294967295"),
         ("quant.w_bits=9", "w_bits"),
     ],
 )
@@ -220,3 +221,14 @@ def test_rendering_failure_is_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "offscreen rendering failed" in proc.stderr and "Traceback" not in proc.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_a_results_dir_that_cannot_be_written_is_one_line(tmp_path):
+    a_file = tmp_path / "taken"
+    a_file.write_text("not a folder")
+    # /proc/1 refuses new files even to root (a chmod'ed folder would not stop root, as CI runs).
+    for results_dir, message in ((a_file / "sub", "is a file"), ("/proc/1/results", "is not writable")):
+        proc = cli("policy=scripted_expert", f"results_dir={results_dir}", timeout=60)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["taken"]

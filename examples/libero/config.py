@@ -115,6 +115,8 @@ class RunConfig:
         if self.step_timeout_s <= 0:
             raise ConfigError(f"step_timeout_s must be > 0, got {self.step_timeout_s}")
         parse_shard(self.shard)
+        if not 0 <= self.seed < 2**32:  # the simulators' and numpy's seeds
+            raise ConfigError(f"seed must be in 0..{2**32 - 1}, got {self.seed}")
         if self.abort_after_errors < 0:
             raise ConfigError(f"abort_after_errors must be >= 0 (0 = never), got {self.abort_after_errors}")
         if not 1 <= self.trials_per_task <= MAX_TRIALS_PER_TASK:

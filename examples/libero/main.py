@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import signal
 import sys
 from pathlib import Path
@@ -36,7 +37,9 @@ class RunError(Exception):
 
 
 def fail(message: str) -> None:
-    if HydraConfig.get().mode == RunMode.MULTIRUN:
+    """One line on stderr and exit 2; in a multirun job, an error Hydra records so the sweep goes on. Works
+    outside ``@hydra.main`` too (the policy server)."""
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         # Exiting here would end the whole sweep and leave this job in the sweep index as still running.
         raise RunError(message) from None
     print(f"error: {message}", file=sys.stderr)
@@ -64,6 +67,17 @@ def adopt_interrupted_config(dcfg: DictConfig) -> None:
             OmegaConf.update(dcfg, key, value, merge=False)
 
 
+def check_writable(folder: Path, key: str) -> None:
+    """Refuse, before anything loads or is written, a folder that cannot be created or written into."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise ValueError(f"{key}={folder} cannot be a results folder: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{key}={folder} is not writable ({existing} refuses writes: read-only or not yours)")
+
+
 def root_cause(exc: BaseException) -> BaseException:
     # OmegaConf wraps errors raised in __post_init__; the user needs the original sentence.
     while exc.__cause__ is not None and isinstance(exc, OmegaConfBaseException):
@@ -84,6 +98,7 @@ def main(dcfg: DictConfig) -> Path | None:
         cfg: RunConfig = OmegaConf.to_object(dcfg)
         cfg.results_dir, cfg.resume = user_path(cfg.results_dir), user_path(cfg.resume)
         cfg.policy.path, cfg.policy.tokenizer = user_path(cfg.policy.path), user_path(cfg.policy.tokenizer)
+        check_writable(Path(cfg.results_dir), "results_dir")
         evaluation = Evaluation(cfg, OmegaConf.to_container(dcfg, resolve=True))
         if cfg.quant.dry_run:
             lines = evaluation.dry_run()
