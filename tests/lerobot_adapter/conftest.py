@@ -1,5 +1,5 @@
-"""Set-up for the lerobot tests. They run in .venv-lerobot (`make test-lerobot`), never in the project venv,
-which has transformers 5 (pyproject's norecursedirs keeps a plain ``pytest`` out of this folder)."""
+"""Set-up for the lerobot tests. They run in .venv-lerobot (`make test-lerobot`, Python 3.12), never in the
+project venv, which has no lerobot (pyproject's norecursedirs keeps a plain ``pytest`` out of this folder)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,8 @@ import pytest
 
 if importlib.util.find_spec("lerobot") is None:
     raise ImportError(
-        "tests/lerobot_adapter needs lerobot and transformers<5: run it in .venv-lerobot (make test-lerobot)"
+        "tests/lerobot_adapter needs lerobot >= 0.5 (Python >= 3.12): run it in .venv-lerobot (make test-lerobot)"
     )
-
-from torchvision_shim import import_torchvision
-
-import_torchvision()
 
 from tiny_smolvla import build_checkpoint
 

@@ -19,7 +19,7 @@ from tiny_smolvla import HUB_VLM, LAYERS, N_ACTION_STEPS, build_checkpoint
 from examples.libero.quantize import CalibratingPolicy, describe_layers
 from policies import make_policy
 from policies.base import ObservationBatch, file_sha256
-from policies.lerobot_policy import LeRobotCheckpointError, LeRobotUnavailable
+from policies.lerobot_policy import LeRobotCheckpointError
 
 ROOT = Path(__file__).resolve().parents[2]
 MAIN = ROOT / "examples" / "libero" / "main.py"
@@ -126,14 +126,9 @@ def test_unmatched_input_features_are_listed(checkpoint, tmp_path):
     assert "input features: observation.images.image2 (VISUAL" in message and "observation.state (STATE [8])" in message
 
 
-def test_the_wrong_family_and_stock_transformers_are_one_line(checkpoint, tmp_path):
+def test_the_wrong_family_is_one_line(checkpoint):
     message = refusal("lerobot_pi05", checkpoint)
     assert message == f"{checkpoint} is a lerobot 'smolvla' checkpoint, not 'pi05': use policy=lerobot_smolvla"
-    path = copy_of(checkpoint, tmp_path)
-    config = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**config, "type": "pi05"}))
-    message = refusal("lerobot_pi05", path, LeRobotUnavailable)  # lerobot's pi0.5 would refuse stock transformers
-    assert "branch fix/lerobot_openpi" in message and "not on PyPI" in message
 
 
 PRESET_LAYERS = {"llm": LAYERS * 7, "expert": LAYERS * 7, "default": 2 * LAYERS * 7, "qkvo": 2 * LAYERS * 4,
@@ -164,10 +159,8 @@ def test_duquant_w4a8_calibrates_and_runs_quantized(checkpoint, tmp_path):
 
 
 def test_a_quantized_libero_run_with_cameras(checkpoint, tmp_path):
-    shim = str(Path(__file__).parent)  # its sitecustomize.py makes torchvision importable in the runner too
     # One torch thread, as tests/conftest.py sets in-process: on 2 busy cores two threads made calibration 20x slower.
-    env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl"), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [shim, os.environ.get("PYTHONPATH")]))}  # fmt: skip
+    env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl"), "OMP_NUM_THREADS": "1"}
     # The tokenizer from the CLI key, by a path relative to where the command runs.
     tokenizer = shutil.copytree(checkpoint / "tokenizer", tmp_path / "tok")
     args = [sys.executable, str(MAIN), "policy=lerobot_smolvla", f"policy.path={checkpoint}", "policy.tokenizer=tok",
