@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 from policies.base import ACTION_DIM, STATE_DIM, ObservationBatch, ObsMode, Policy, file_sha256, resolve_device
 from policies.noise import episode_noise
-from policies.optional import DependencyUnavailable, import_optional
 from policies.openpi_policy import scope_presets as openpi_scope_presets
+from policies.optional import DependencyUnavailable, import_optional
 from policies.scopes import pi0_presets
 
 INSTALL_HINT = (
