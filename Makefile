@@ -5,9 +5,11 @@ PY := $(VENV)/bin/python
 # torch==2.13.0 resolves to the CPU wheel on CPU-only machines that ship it and to the CUDA wheel elsewhere;
 # set TORCH_SPEC (e.g. "torch --index-url https://download.pytorch.org/whl/cu126") to choose another build.
 TORCH_SPEC ?= torch==2.13.0
-# policy=lerobot_* is tested in a venv of its own: lerobot needs transformers<5, the project venv has 5.x.
+# policy=lerobot_* is tested in a venv of its own: lerobot >= 0.5 needs Python >= 3.12 and torch < 2.12.
+# PYTHON312: a pyenv 3.12.x (these machines), else a python3.12 on PATH that runs (a pyenv shim may refuse).
 LEROBOT_VENV ?= .venv-lerobot
 LEROBOT_PY := $(LEROBOT_VENV)/bin/python
+PYTHON312 ?= $(or $(lastword $(wildcard $(shell pyenv root 2>/dev/null)/versions/3.12.*/bin/python3.12)),$(shell python3.12 -c 'import sys; print(sys.executable)' 2>/dev/null))
 # The reference simulator stack (the [reference] extra: MuJoCo 2.3.7, numpy 1.26, as openpi pins numpy<2) in a venv of
 # its own, where the policies, noise, results and short real rollouts are tested too.
 NUMPY1_VENV ?= .venv-numpy1
@@ -28,12 +30,12 @@ $(VENV)/.installed: pyproject.toml
 
 install-lerobot: $(LEROBOT_VENV)/.installed
 
-# One resolver call for the project and the pins, then lerobot itself without its declared torch<2.11.
-$(LEROBOT_VENV)/.installed: pyproject.toml tests/lerobot_adapter/requirements.txt
-	$(PYTHON) -m venv $(LEROBOT_VENV)
+# One resolver call: lerobot's newest release with what it declares (its torch, transformers) and the project.
+$(LEROBOT_VENV)/.installed: pyproject.toml
+	@test -n "$(PYTHON312)" || { echo "install-lerobot needs Python 3.12: install it (e.g. pyenv install 3.12) or pass PYTHON312=/path/to/python3.12"; exit 1; }
+	$(PYTHON312) -m venv $(LEROBOT_VENV)
 	$(LEROBOT_PY) -m pip install -q --upgrade pip
-	$(LEROBOT_PY) -m pip install -q -r tests/lerobot_adapter/requirements.txt -e .
-	$(LEROBOT_PY) -m pip install -q --no-deps lerobot==0.4.4
+	$(LEROBOT_PY) -m pip install -q -e ".[lerobot,remote]" "pytest>=8"
 	touch $@
 
 install-numpy1: $(NUMPY1_VENV)/.installed

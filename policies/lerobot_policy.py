@@ -26,16 +26,12 @@ import torch.nn.functional as F
 from policies.base import ACTION_DIM, STATE_DIM, ObservationBatch, ObsMode, Policy, file_sha256, resolve_device
 from policies.noise import episode_noise
 from policies.openpi_policy import scope_presets as openpi_scope_presets
+from policies.optional import DependencyUnavailable, import_optional
 from policies.scopes import pi0_presets
 
 INSTALL_HINT = (
-    "policy {name!r} needs lerobot: pip install -e '.[lerobot]' (lerobot 0.4.4 declares torch<2.11 and "
-    "transformers<5), or `make install-lerobot`, which builds .venv-lerobot with torch 2.13 and lerobot --no-deps"
-)
-PATCHED_TRANSFORMERS_HINT = (
-    "policy {name!r} needs the transformers that lerobot's pi0/pi0.5 are written for (branch fix/lerobot_openpi of "
-    "huggingface/transformers, installed by lerobot's source `pi` extra; a git dependency, not on PyPI); "
-    "this environment has stock transformers {version}"
+    "policy {name!r} needs lerobot >= 0.5, which needs Python >= 3.12: pip install -e '.[lerobot]' in a Python 3.12 "
+    "environment, or `make install-lerobot`, which builds .venv-lerobot"
 )
 TOKENIZER_DIR = "tokenizer"  # <checkpoint>/tokenizer: the local copy of the tokenizer the checkpoint names
 PREPROCESSOR, POSTPROCESSOR = "policy_preprocessor.json", "policy_postprocessor.json"
@@ -61,8 +57,8 @@ _SMOL_EXCLUDE = [r"lm_head$", r"\.connector\.", r"(^|\.)(state_proj|action_in_pr
                  r"(^|\.)(action_time_mlp_in|action_time_mlp_out)$"]  # fmt: skip
 
 
-class LeRobotUnavailable(ValueError):
-    """lerobot (or the transformers its pi0 models need) cannot be used here; the message says how to install it."""
+class LeRobotUnavailable(DependencyUnavailable):
+    """lerobot, or a module it imports, cannot be imported; the message names which, or says how to install it."""
 
 
 class LeRobotCheckpointError(ValueError):
@@ -72,12 +68,13 @@ class LeRobotCheckpointError(ValueError):
 def _lerobot(name: str):
     # lerobot reads the hub setting when it is imported; this process never downloads.
     os.environ["HF_HUB_OFFLINE"] = "1"
+    hint, who = INSTALL_HINT.format(name=name), f"policy {name!r}: "
     try:
-        from lerobot.configs.policies import PreTrainedConfig
-        from lerobot.policies.factory import get_policy_class, make_pre_post_processors
-    except ImportError:
-        raise LeRobotUnavailable(INSTALL_HINT.format(name=name)) from None
-    return PreTrainedConfig, get_policy_class, make_pre_post_processors
+        configs = import_optional("lerobot.configs.policies", hint, who)
+        factory = import_optional("lerobot.policies.factory", hint, who)
+    except DependencyUnavailable as err:
+        raise LeRobotUnavailable(str(err)) from None
+    return configs.PreTrainedConfig, factory.get_policy_class, factory.make_pre_post_processors
 
 
 class LeRobotPolicy(Policy):
@@ -111,7 +108,6 @@ class LeRobotPolicy(Policy):
             raise LeRobotCheckpointError(
                 f"{self._path} is a lerobot {kind!r} checkpoint, not {self.policy_type!r}: use policy=lerobot_{kind}"
             )
-        self._check_environment()
         config = PreTrainedConfig.from_pretrained(self._path)
         saved = _load_json(self._path / PREPROCESSOR)
         renames = (_step_config(saved, "rename_observations_processor") or {}).get("rename_map", {})
@@ -138,9 +134,6 @@ class LeRobotPolicy(Policy):
         if path is None:
             raise ValueError(f"policy {cls.name!r} needs policy.path=<LeRobot checkpoint directory>")
         return cls(path, device=resolve_device(device), tokenizer=tokenizer)
-
-    def _check_environment(self) -> None:
-        """Refuse early what lerobot would only refuse after building the model."""
 
     def _configured_tokenizer(self, config, saved: dict | None) -> str:
         """The tokenizer the checkpoint names (a hub id or a local path)."""
@@ -226,18 +219,6 @@ class LeRobotSmolVLA(LeRobotPolicy):
 class _LeRobotPi(LeRobotPolicy):
     """lerobot's port of openpi's pi0 and pi0.5: the same module tree under ``model.``, so openpi's presets."""
 
-    def _check_environment(self) -> None:
-        import transformers
-
-        try:
-            from transformers.models.siglip import check
-
-            patched = check.check_whether_transformers_replace_is_installed_correctly()
-        except ImportError:
-            patched = False
-        if not patched:
-            raise LeRobotUnavailable(PATCHED_TRANSFORMERS_HINT.format(name=self.name, version=transformers.__version__))
-
     def scope_presets(self) -> dict[str, dict[str, list[str]]]:
         return pi_scope_presets()
 
@@ -304,30 +285,43 @@ def _load_checked(policy_class, path: Path, config):
 
 
 def _verify_weights(policy: torch.nn.Module, path: Path) -> None:
-    """Every tensor of the model from the file, at its shape, and nothing in the file unused.
+    """Every tensor of the model from the file, at its shape and equal to it, and nothing in the file unused.
 
-    safetensors stores tied tensors once (transformers' tied embeddings), so a model tensor absent from the file
-    is fine when it shares storage with one that is in it. pi0/pi0.5 rename the file's keys while loading; the
-    same renaming is applied here.
+    pi0/pi0.5's ``from_pretrained`` catches any loading error, prints it and returns the random model, so this
+    comparison is what refuses a checkpoint that did not load. safetensors stores tied tensors once (transformers'
+    tied embeddings), so a model tensor absent from the file is fine when it shares storage with one in it.
+    pi0/pi0.5 rename the file's keys while loading; the same renaming is applied here. The file is read one
+    tensor at a time, so a full-size checkpoint is never held twice.
     """
     from safetensors import safe_open
 
-    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
-        shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118 - safe_open is no dict
-    if hasattr(policy, "_fix_pytorch_state_dict_keys"):  # pi0/pi0.5: openpi's key fixes, then the "model." prefix
-        fixed = policy._fix_pytorch_state_dict_keys(shapes, policy.config)
-        shapes = {key if key.startswith("model.") else f"model.{key}": shape for key, shape in fixed.items()}
     state = policy.state_dict()
-    in_file = {_storage(state[key]) for key in state if key in shapes}
-    missing = [key for key in state if key not in shapes and _storage(state[key]) not in in_file]
-    unexpected = [key for key in shapes if key not in state]
-    resized = [key for key in state if key in shapes and tuple(state[key].shape) != shapes[key]]
-    for problem, keys in (("lacks", missing), ("has unexpected", unexpected), ("has wrong shapes for", resized)):
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        names = {key: _loaded_as(policy, key, tuple(f.get_slice(key).get_shape())) for key in f.keys()}  # noqa: SIM118
+        loaded = {name: key for key, targets in names.items() for name in targets}
+        unexpected = [name for name in loaded if name not in state]
+        resized = [name for name in loaded if name in state and tuple(state[name].shape) != names[loaded[name]][name]]
+        differ = [name for name in loaded if name in state and name not in resized
+                  and not torch.equal(f.get_tensor(loaded[name]).to(state[name].dtype), state[name].cpu())]  # fmt: skip
+    in_file = {_storage(state[key]) for key in state if key in loaded}
+    missing = [key for key in state if key not in loaded and _storage(state[key]) not in in_file]
+    problems = (("lacks", missing), ("has unexpected", unexpected), ("has wrong shapes for", resized),
+                ("was not loaded into the model: it differs in", differ))  # fmt: skip
+    for problem, keys in problems:
         if keys:
             more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
             raise LeRobotCheckpointError(
                 f"{path}/model.safetensors {problem} {len(keys)} tensors: {', '.join(keys[:3])}{more}"
             )
+
+
+def _loaded_as(policy: torch.nn.Module, key: str, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """The state-dict names (with their shapes) that lerobot loads the file's ``key`` into."""
+    if not hasattr(policy, "_fix_pytorch_state_dict_keys"):  # SmolVLA loads the file's names as they are
+        return {key: shape}
+    # pi0/pi0.5: openpi's key fixes (renames, skips, lm_head copied to the embeddings), then the "model." prefix
+    fixed = policy._fix_pytorch_state_dict_keys({key: torch.empty(shape, device="meta")}, policy.config)
+    return {name if name.startswith("model.") else f"model.{name}": tuple(t.shape) for name, t in fixed.items()}
 
 
 def _storage(tensor: torch.Tensor) -> int:

@@ -152,6 +152,7 @@ def test_layer_names_follow_pi0_layout(policy):
     assert selected(policy, "expert") == stack["expert"]
     assert selected(policy, "default") == selected(policy, "llm+expert") == stack["backbone"] | stack["expert"]
     assert selected(policy, "expert_mlp") == {n for n in stack["expert"] if ".mlp." in n}
+    assert selected(policy, "llm+expert_mlp") == {n for n in stack["backbone"] | stack["expert"] if ".mlp." in n}
     assert selected(policy, "qkvo") == {n for n in stack["backbone"] | stack["expert"] if ".self_attn." in n}
     modules = dict(policy.module.named_modules())
     for name in stack["backbone"] | stack["expert"]:

@@ -1,5 +1,6 @@
-"""Subprocesses of these tests (the runner) start with this folder on PYTHONPATH and get the torchvision shim."""
+"""Runner subprocesses of these tests start with this folder on PYTHONPATH: lerobot's pi0/pi0.5 at the tiny
+sizes of ``tiny_pi.py`` when TINY_PI_WIDTH is set (test scaffolding; see there)."""
 
-from torchvision_shim import import_torchvision
+from tiny_pi import apply_from_env
 
-import_torchvision()
+apply_from_env()
