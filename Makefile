@@ -14,7 +14,8 @@ PYTHON312 ?= $(or $(lastword $(wildcard $(shell pyenv root 2>/dev/null)/versions
 # its own, where the policies, noise, results and short real rollouts are tested too.
 NUMPY1_VENV ?= .venv-numpy1
 NUMPY1_PY := $(NUMPY1_VENV)/bin/python
-NUMPY1_TESTS := tests/test_noise.py tests/test_embedded_policy.py tests/test_results.py \
+NUMPY1_TESTS := tests/test_noise.py tests/test_results.py tests/test_embedded_policy.py::test_predict_returns_bounded_chunks \
+	tests/test_embedded_policy.py::test_short_libero_rollout \
 	"tests/test_runner_quant.py::test_calibration_uses_the_first_real_calls_and_is_recorded[False-1]"
 
 .PHONY: install install-lerobot install-numpy1 run test test-lerobot test-numpy1 bench clean
