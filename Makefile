@@ -65,4 +65,4 @@ bench: install
 	$(PY) scripts/bench_duquant.py
 
 clean:
-	rm -rf $(VENV) $(LEROBOT_VENV) $(NUMPY1_VENV) results/hydra
+	rm -rf $(VENV) $(LEROBOT_VENV) $(NUMPY1_VENV)

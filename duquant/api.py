@@ -27,10 +27,10 @@ def quantize_(
     recorded), then call ``finish()`` on the returned handle to quantize.
     ``selection`` defaults to the config's include/exclude/layers. Layers
     whose resolved bits are 16/16 stay ``nn.Linear`` and are reported as
-    skipped. With ``cfg.dry_run`` the model is left untouched.
+    skipped.
     """
     if cfg.mode == "fp":
-        raise ValueError("quant.mode=fp leaves the model in floating point; do not call quantize_ for it")
+        raise ValueError("mode=fp leaves the model in floating point; do not call quantize_ for it")
     if isinstance(model, nn.Linear):
         raise ValueError("quantize_ replaces submodules in place; wrap a bare nn.Linear in a container module")
     if selection is None:
@@ -42,12 +42,10 @@ def quantize_(
         if bits.is_fp:
             skipped.append(name)
             continue
-        if not cfg.dry_run:
-            stats = ActivationStats(cfg.calib_max_tokens, derive_seed(cfg.seed, name, "sample"))
-            quantized = DuQuantLinear(linear, cfg.mode, bits, stats)
-            _replace(model, linear, quantized)
-            linear = quantized
-        layers.append((name, linear))
+        stats = ActivationStats(cfg.calib_max_tokens, derive_seed(cfg.seed, name, "sample"))
+        quantized = DuQuantLinear(linear, cfg.mode, bits, stats)
+        _replace(model, linear, quantized)
+        layers.append((name, quantized))
     return Calibration(cfg, layers, skipped, cache_dir)
 
 

@@ -48,16 +48,11 @@ class Calibration:
             raise RuntimeError("Calibration.finish() was already called")
         start = time.perf_counter()
         cfg = self.cfg
-        report = QuantReport(cfg.mode, cfg.w_bits, cfg.a_bits, cfg.to_dict(), skipped=self.skipped, dry_run=cfg.dry_run)
-        if cfg.dry_run:
-            for name, module in self.layers:
-                bits = cfg.layer_bits(name)
-                report.layers.append(LayerReport(name, tuple(module.weight.shape), bits.w_bits, bits.a_bits))
-        else:
-            self._check_inputs()
-            # Buffers built here must be ordinary tensors even if the caller runs under inference_mode.
-            with torch.inference_mode(False), torch.no_grad():
-                report.layers = [self._finish_layer(name, layer) for name, layer in self.layers]
+        report = QuantReport(cfg.mode, cfg.w_bits, cfg.a_bits, cfg.to_dict(), skipped=self.skipped)
+        self._check_inputs()
+        # Buffers built here must be ordinary tensors even if the caller runs under inference_mode.
+        with torch.inference_mode(False), torch.no_grad():
+            report.layers = [self._finish_layer(name, layer) for name, layer in self.layers]
         self.finished = True
         report.seconds = time.perf_counter() - start
         return report

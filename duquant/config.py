@@ -1,4 +1,4 @@
-"""Quantization settings, usable as a Hydra structured config (the ``quant`` group).
+"""Quantization settings of the library, usable as a Hydra structured config.
 
 Only Hydra-friendly field types are used. The library never mutates a config;
 defaults that depend on bit width (clip ratios, symmetry) are resolved by
@@ -85,16 +85,13 @@ class QuantConfig:
     act_scales: str = "dynamic"
     act_percentile: float = 99.9
     row_rotation: str = "none"
-    calib_steps: int = 32
     # Input rows sampled per layer for fitting the rotations; the greedy search costs rows x steps x b^2.
     calib_max_tokens: int = 512
     seed: int = 0
-    scope: str = "default"
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
     layers: list[str] = field(default_factory=list)
     overrides: list[LayerOverride] = field(default_factory=list)
-    dry_run: bool = False
 
     def __post_init__(self) -> None:
         self.overrides = [o if isinstance(o, LayerOverride) else LayerOverride(**o) for o in self.overrides]
@@ -103,44 +100,41 @@ class QuantConfig:
         self._check_choice("permute", PERMUTES)
         self._check_choice("act_scales", ACT_SCALES)
         self._check_choice("row_rotation", ROW_ROTATIONS)
-        _check_bits("quant.w_bits", self.w_bits, W_BITS)
-        _check_bits("quant.a_bits", self.a_bits, A_BITS)
+        _check_bits("w_bits", self.w_bits, W_BITS)
+        _check_bits("a_bits", self.a_bits, A_BITS)
         self._check_int("block_size", 2)
         self._check_int("rotation_steps", 0)
-        self._check_int("calib_steps", 1)
         self._check_int("calib_max_tokens", 1)
         self._check_int("seed", 0)
         if self.rotation == "hadamard" and self.block_size & (self.block_size - 1):
-            raise ValueError(f"quant.block_size must be a power of two with rotation=hadamard, got {self.block_size}")
+            raise ValueError(f"block_size must be a power of two with rotation=hadamard, got {self.block_size}")
         if not 0.0 <= self.smooth_alpha <= 1.0:
-            raise ValueError(f"quant.smooth_alpha must be in [0, 1] (0 = off), got {self.smooth_alpha}")
+            raise ValueError(f"smooth_alpha must be in [0, 1] (0 = off), got {self.smooth_alpha}")
         for name in ("w_clip", "a_clip"):
             value = getattr(self, name)
             if value is not None and not 0.0 < value <= 1.0:
-                raise ValueError(f"quant.{name} must be in (0, 1] or null (bit-width default), got {value}")
+                raise ValueError(f"{name} must be in (0, 1] or null (bit-width default), got {value}")
         if not 0.0 < self.act_percentile <= 100.0:
-            raise ValueError(f"quant.act_percentile must be in (0, 100], got {self.act_percentile}")
-        if not self.scope:
-            raise ValueError("quant.scope must be a non-empty preset name, got ''")
+            raise ValueError(f"act_percentile must be in (0, 100], got {self.act_percentile}")
         for name in ("include", "exclude"):
             for pattern in getattr(self, name):
-                _check_regex(f"quant.{name}", pattern)
+                _check_regex(f"{name}", pattern)
         for i, o in enumerate(self.overrides):
-            _check_regex(f"quant.overrides[{i}].pattern", o.pattern)
+            _check_regex(f"overrides[{i}].pattern", o.pattern)
             if o.w_bits is not None:
-                _check_bits(f"quant.overrides[{i}].w_bits", o.w_bits, W_BITS)
+                _check_bits(f"overrides[{i}].w_bits", o.w_bits, W_BITS)
             if o.a_bits is not None:
-                _check_bits(f"quant.overrides[{i}].a_bits", o.a_bits, A_BITS)
+                _check_bits(f"overrides[{i}].a_bits", o.a_bits, A_BITS)
 
     def _check_choice(self, name: str, allowed: tuple[str, ...]) -> None:
         value = getattr(self, name)
         if value not in allowed:
-            raise ValueError(f"quant.{name} must be one of {_choices(allowed)}, got {value!r}")
+            raise ValueError(f"{name} must be one of {_choices(allowed)}, got {value!r}")
 
     def _check_int(self, name: str, minimum: int) -> None:
         value = getattr(self, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"quant.{name} must be an integer >= {minimum}, got {value!r}")
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> QuantConfig:
@@ -152,7 +146,12 @@ class QuantConfig:
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The library's fields only (an application may extend the class with settings of its own)."""
+        return {f.name: dataclasses.asdict(self)[f.name] for f in dataclasses.fields(QuantConfig)}
+
+    def tag(self) -> str:
+        """Short name of the setting for file names and tables: ``fp`` or e.g. ``duquant_w4a8``."""
+        return "fp" if self.mode == "fp" else f"{self.mode}_w{self.w_bits}a{self.a_bits}"
 
     def layer_bits(self, name: str) -> LayerBits:
         """Bit widths and quantizer settings for the layer called ``name``.

@@ -28,8 +28,8 @@ from .transform import Transform
 
 PACK_FORMAT = "duquant-pack"
 PACK_VERSION = 1
-# Fields that pick layers or drive the runner; they cannot change a layer's transform.
-_UNKEYED = ("scope", "include", "exclude", "layers", "overrides", "dry_run", "calib_steps")
+# Fields that pick layers; they cannot change a layer's transform.
+_UNKEYED = ("include", "exclude", "layers", "overrides")
 
 
 class CorruptPackError(ValueError):

@@ -58,7 +58,6 @@ class QuantReport:
     config: dict[str, Any]
     layers: list[LayerReport] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # selected but left in FP by a 16/16 override
-    dry_run: bool = False
     seconds: float = 0.0
 
     @property
@@ -80,9 +79,8 @@ class QuantReport:
             "bits": f"W{self.w_bits}A{self.a_bits}",
             "w_bits": self.w_bits,
             "a_bits": self.a_bits,
-            "dry_run": self.dry_run,
             "config": self.config,
-            "layers_quantized": 0 if self.dry_run else len(self.layers),
+            "layers_quantized": len(self.layers),
             "layers_skipped": list(self.skipped),
             "average_sqnr_db": _finite(self.average_sqnr_db),
             "worst_layers": [{"name": r.name, "sqnr_db": _finite(r.sqnr_db)} for r in self.worst_layers()],
@@ -97,7 +95,5 @@ class QuantReport:
         avg = self.average_sqnr_db
         worst = ", ".join(f"{r.name} {r.sqnr_db:.1f} dB" for r in self.worst_layers(3))
         text = f"{self.mode} W{self.w_bits}A{self.a_bits}: {len(self.layers)} layers"
-        if self.dry_run:
-            return text + " selected (dry run, nothing quantized)"
         text += f", average SQNR {avg:.1f} dB" if avg is not None else ""
         return text + (f", worst: {worst}" if worst else "")

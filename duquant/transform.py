@@ -154,7 +154,7 @@ def fit_transform(
     in_features = weight.shape[1]
     static = cfg.act_scales == "static" and bits.a_bits < 16
     if (cfg.smooths or cfg.rotates or static) and (sample is None or act_max is None):
-        raise ValueError(f"quant.mode={cfg.mode} with these options needs calibration inputs, but none were recorded")
+        raise ValueError(f"mode={cfg.mode} with these options needs calibration inputs, but none were recorded")
     t = Transform(in_features)
     if cfg.smooths:
         t.smooth = smoothing_scales(act_max, weight, cfg.smooth_alpha)

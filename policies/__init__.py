@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import inspect
 
-from policies.base import ObservationBatch, ObsMode, Policy, collate
+from policies.base import ObservationBatch, ObsMode, Policy, PolicyWrapper, collate
 
 # name -> "module:Class"; imported lazily so a missing optional extra only fails when chosen.
 REGISTRY: dict[str, str] = {
@@ -42,4 +42,4 @@ def make_policy(name: str, path: str | None = None, device: str = "auto", **opti
     return cls.from_config(path=path, device=device, **given)
 
 
-__all__ = ["ObservationBatch", "ObsMode", "Policy", "collate", "make_policy", "REGISTRY", "UnknownPolicyError"]
+__all__ = ["ObservationBatch", "ObsMode", "Policy", "PolicyWrapper", "collate", "make_policy", "REGISTRY", "UnknownPolicyError"]

@@ -110,6 +110,35 @@ class Policy(abc.ABC):
         return {}
 
 
+class PolicyWrapper(Policy):
+    """A policy around another one (calibration, noise, recording): everything it does not override is the inner
+    policy's, so a wrapper never forgets an attribute a caller needs."""
+
+    def __init__(self, inner: Policy):
+        self.inner = inner
+        self.name, self.obs_mode, self.chunk_size = inner.name, inner.obs_mode, inner.chunk_size
+
+    def predict(self, batch: ObservationBatch) -> np.ndarray:
+        return self.inner.predict(batch)
+
+    def reset(self) -> None:
+        self.inner.reset()
+
+    @property
+    def module(self) -> torch.nn.Module | None:
+        return self.inner.module
+
+    @property
+    def checkpoint(self) -> str | None:
+        return self.inner.checkpoint
+
+    def scope_presets(self) -> dict[str, dict[str, list[str]]]:
+        return self.inner.scope_presets()
+
+    def describe(self) -> dict:
+        return self.inner.describe()
+
+
 def collate(rows: list[dict], instructions, episode_ids, episode_seeds, steps) -> ObservationBatch:
     """Stack per-env observation dicts (as ``LiberoEnv.observation`` returns them) into a batch."""
     first = rows[0]

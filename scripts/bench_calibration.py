@@ -35,6 +35,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -42,23 +43,28 @@ import torch
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from duquant import QuantConfig
-from examples.libero.env import LiberoEnv, load_task
-from examples.libero.evaluate import episode_id, episode_seed
-from examples.libero.quantize import CalibratingPolicy
-from examples.libero.results import versions
-from examples.libero.rollout import Protocol, begin, execute
+from libero_eval import (
+    CalibratingPolicy,
+    LiberoEnv,
+    QuantRunConfig,
+    Protocol,
+    begin,
+    compose,
+    episode_id,
+    episode_seed,
+    execute,
+    fail,
+    load_task,
+    versions,
+)
+from libero_eval.errors import one_line
 from policies.base import ObservationBatch, ObsMode, Policy, collate
 from policies.embedded import EmbeddedPolicy
 
 SUITE = "libero_spatial"
 SEED = 7  # the runner's default run seed: envs and per-episode policy noise
-PRESETS = ROOT / "conf" / "quant"
 
 
 @dataclass(frozen=True)
@@ -89,22 +95,20 @@ class Observation:
     step: int = 0  # policy-driven env steps before it: seeds the policy noise as in a run
 
 
-def quant_config(preset: str, overrides: dict) -> QuantConfig:
-    """The QuantConfig that ``quant=<preset> quant.KEY=VALUE ...`` gives a run."""
-    values = OmegaConf.to_container(OmegaConf.load(PRESETS / f"{preset}.yaml"))
-    values.update(overrides)
-    return QuantConfig.from_dict(values)
+def quant_config(preset: str, settings: list[str]) -> QuantRunConfig:
+    """The quant config that ``quant=<preset> quant.KEY=VALUE ...`` gives a run, composed as a run composes it."""
+    return OmegaConf.to_object(compose([f"quant={preset}", *(f"quant.{s}" for s in settings)]).quant)
 
 
-def parse_setting(text: str) -> tuple[str, object]:
-    """``KEY=VALUE`` parsed by Hydra's own override parser, so VALUE means what ``quant.KEY=VALUE`` means in a run."""
+def parse_setting(text: str) -> str:
+    """``KEY=VALUE``, checked by Hydra's own override parser (VALUE means what ``quant.KEY=VALUE`` means in a run)."""
     try:
         override = OverridesParser.create().parse_override(text)
     except HydraException as exc:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}") from exc
     if not override.key_or_group:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return override.key_or_group, override.value()
+    return text
 
 
 def collect(setting: Setting, heldout_calls: int, fp: Policy) -> tuple[list[Observation], list[Observation]]:
@@ -161,7 +165,7 @@ def predict_all(policy: Policy, batches: list[ObservationBatch]) -> np.ndarray:
     return np.concatenate([policy.predict(b) for b in batches])
 
 
-def calibrated(cfg: QuantConfig, calib_batches: list[ObservationBatch]) -> CalibratingPolicy:
+def calibrated(cfg: QuantRunConfig, calib_batches: list[ObservationBatch]) -> CalibratingPolicy:
     """A fresh FP policy, calibrated on every calibration batch and then quantized; no pack cache is read or written."""
     policy = CalibratingPolicy(
         EmbeddedPolicy(), dataclasses.replace(cfg, calib_steps=len(calib_batches)), cache_dir=None
@@ -179,7 +183,7 @@ def action_errors(fp: np.ndarray, quantized: np.ndarray, steps: np.ndarray) -> d
             "rel_err_worst": float(rel.max()), "max_abs_err": float(np.abs(quantized - fp).max())}  # fmt: skip
 
 
-def measure_seed(cfg: QuantConfig, calib_batches: list[ObservationBatch], heldout: list[ObservationBatch],
+def measure_seed(cfg: QuantRunConfig, calib_batches: list[ObservationBatch], heldout: list[ObservationBatch],
                  fp_actions: np.ndarray) -> dict:  # fmt: skip
     """One calibration: its ``finish()`` time, the report's SQNR and the held-out action errors."""
     policy = calibrated(cfg, calib_batches)
@@ -237,7 +241,8 @@ def print_table(rows: list[dict]) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    presets = sorted(p.stem for p in PRESETS.glob("*.yaml") if p.stem != "fp")
+    files = (resources.files("libero_eval.conf") / "quant").iterdir()
+    presets = sorted(f.name.removesuffix(".yaml") for f in files if f.name.endswith(".yaml") and f.name != "fp.yaml")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--tokens", nargs="+", type=int, default=None, help=f"calib_max_tokens values (default {FULL.tokens})"
@@ -267,7 +272,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help=f"tasks {QUICK.tasks}, 1 + 2 init states each, tokens {QUICK.tokens}, seed {QUICK.seeds}",
     )
-    p.add_argument("--out", type=Path, default=ROOT / "results" / "bench" / "calibration_cpu.json")
+    p.add_argument("--out", type=Path, default=Path("results/bench/calibration_cpu.json"))
     args = p.parse_args(argv)
     if args.tokens is not None and min(args.tokens) < 1:
         p.error("--tokens must be positive")
@@ -281,11 +286,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        bits = {k: v for k, v in (("w_bits", args.w_bits), ("a_bits", args.a_bits)) if v is not None}
-        cfg = quant_config(args.preset, {**dict(args.settings), **bits})
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        bits = [f"{k}={v}" for k, v in (("w_bits", args.w_bits), ("a_bits", args.a_bits)) if v is not None]
+        cfg = quant_config(args.preset, [*args.settings, *bits])
+    except (ValueError, HydraException, OmegaConfBaseException) as exc:
+        fail(one_line(exc))
     torch.set_num_threads(args.threads)
     setting = QUICK if args.quick else FULL
     tokens = sorted(set(args.tokens or setting.tokens))
@@ -309,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(),
         "versions": versions(),
         "preset": args.preset,
-        "settings": dict(args.settings),
+        "settings": list(args.settings),
         "config": dataclasses.replace(cfg, calib_steps=len(calib_batches)).to_dict(),  # calib_max_tokens, seed: per row
         "weights_sha256": fp.describe()["weights_sha256"],
         "suite": SUITE,

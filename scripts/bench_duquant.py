@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -30,11 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from duquant import LayerSelection, QuantConfig, quantize_  # noqa: E402
-from duquant.quantizer import fake_quant  # noqa: E402
-from duquant.transform import Transform, fit_transform  # noqa: E402
+from duquant import LayerSelection, QuantConfig, quantize_
+from duquant.quantizer import fake_quant
+from duquant.transform import Transform, fit_transform
 
 SHAPES = [(1024, 4096), (4096, 1024), (2048, 2048), (2048, 16384), (16384, 2048)]
 QUICK_SHAPES = [(1024, 4096), (4096, 1024), (2048, 2048)]

@@ -19,20 +19,23 @@ import os
 import sys
 import threading
 import time
-from collections import deque
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # spawned workers re-import this file as a script
-
-from examples.libero.env import load_task
-from examples.libero.results import versions
-from examples.libero.rollout import Protocol, run_episode
-from examples.libero.scheduler import EpisodeInfo, Job, Scheduler
-from examples.libero.workers import Begin, EnvSpec, Execute, ProcessWorker
+from libero_eval import (
+    Begin,
+    EnvSpec,
+    EpisodeInfo,
+    Execute,
+    Job,
+    ProcessWorker,
+    Protocol,
+    Scheduler,
+    load_task,
+    run_episode,
+    versions,
+)
 from policies.base import collate
 from policies.scripted_expert import ScriptedExpert
 
@@ -72,9 +75,8 @@ def workers_run(args: argparse.Namespace, cameras: bool, protocol: Protocol, n: 
     try:
         scheduler.prepare(TASK)
         startup = time.perf_counter() - start
-        outcomes = []
         start = time.perf_counter()
-        scheduler.run(deque(Job(TASK, e) for e in range(args.episodes)), lambda job, out, wall: outcomes.append(out))
+        outcomes = [done.outcome for done in scheduler.run(iter([Job(TASK, e) for e in range(args.episodes)]))]
         wall = time.perf_counter() - start
     finally:
         for worker in workers:
@@ -131,7 +133,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--camera-size", type=int, default=128, help="camera resolution with cameras (default: 128)")
     p.add_argument("--reset", choices=("hard", "soft"), default="hard")
     p.add_argument("--render-quality", choices=("default", "fast"), default="default")
-    p.add_argument("--out", type=Path, default=ROOT / "results" / "bench" / "rollout_cpu.json")
+    p.add_argument("--out", type=Path, default=Path("results/bench/rollout_cpu.json"))
     return p.parse_args(argv)
 
 

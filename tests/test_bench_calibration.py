@@ -52,4 +52,4 @@ def test_unknown_quant_field_stops_with_one_line(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--set", "smooth=0", "--out", str(out)],
                           check=False, capture_output=True, text=True, timeout=120, cwd=ROOT)  # fmt: skip
     assert proc.returncode == 2 and not out.exists()
-    assert proc.stderr.strip().splitlines()[0].startswith("error: quant has no field(s) smooth; known fields:")
+    assert proc.stderr.strip().splitlines()[0].startswith("error: Could not override 'quant.smooth': Key 'smooth' not in")

@@ -1,4 +1,4 @@
-"""scripts/compare_results.py on crafted results files whose counts and p-values are known."""
+"""libero-eval-compare on crafted results files whose counts and p-values are known."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from scipy import stats
 
-from examples.libero.results import summary_document, wilson_interval
+from libero_eval.results import summary_document, wilson_interval
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "compare_results.py"
+COMPARE = Path(sys.executable).with_name("libero-eval-compare")  # the console command the venv installed
 PROTOCOL = {"suite": "libero_spatial", "num_steps_wait": 10, "max_steps": 220, "replan_steps": 5, "obs_mode": "state",
             "image_size": 224, "camera_size": 256, "seed": 7}  # fmt: skip
 VERSIONS = {"mujoco": "3.17.0", "robosuite": "1.4.0", "libero": "0.1.1"}
@@ -43,7 +43,7 @@ CANDIDATE = {**{(t, e): e < 5 or e >= 5 + (t == 0) for t in (0, 1) for e in rang
 
 
 def compare(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([str(COMPARE), *args], capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture()
@@ -85,7 +85,7 @@ def test_table_markdown_and_csv_show_the_same_numbers(pair):
 def test_refuses_different_protocols_unless_forced(tmp_path, pair):
     other = write_run(tmp_path / "short.json", CANDIDATE, protocol={"max_steps": 100, "obs_mode": "rgb"})
     proc = compare(str(pair[0]), str(other))
-    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and "max_steps (220 vs 100)" in proc.stderr and "obs_mode" in proc.stderr
     assert compare(str(pair[0]), str(other), "--force").returncode == 0
 
@@ -100,7 +100,7 @@ def test_unreadable_file_is_one_line(tmp_path, pair):
     (tmp_path / "broken.json").write_text("{")
     proc = compare(str(pair[0]), str(tmp_path / "broken.json"))
     assert (
-        proc.returncode == 1
+        proc.returncode == 2
         and proc.stderr.startswith("error: cannot read results file")
         and "Traceback" not in proc.stderr
     )
@@ -121,7 +121,7 @@ def test_errored_episodes_are_refused_then_left_out_with_force(tmp_path, pair):
     broken = {**BASE, (0, 1): "TypeError: ufunc 'right_shift' not supported", (1, 0): "WorkerCrashed: exit -9"}
     cand = write_run(tmp_path / "broken.json", broken, "duquant")
     refused = compare(str(base), str(cand))
-    assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
     assert "2 of 20 episodes errored" in refused.stderr and "--force" in refused.stderr
 
     forced = compare(str(base), str(cand), "--force", "--format", "json")

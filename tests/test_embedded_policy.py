@@ -198,8 +198,8 @@ def test_shipped_weights_load_and_are_documented():
 
 
 def test_short_libero_rollout():
-    from examples.libero.env import LiberoEnv, load_task
-    from examples.libero.rollout import Protocol, run_episode
+    from libero_eval.env import LiberoEnv, load_task
+    from libero_eval.rollout import Protocol, run_episode
 
     task, init_states = load_task("libero_spatial", 0)
     policy = EmbeddedPolicy()

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from examples.libero.env import LiberoEnv, load_task, quat_to_axis_angle, resize_with_pad
-from examples.libero.rollout import Protocol, run_episode
+from libero_eval.env import LiberoEnv, load_task, quat_to_axis_angle, resize_with_pad
+from libero_eval.rollout import Protocol, run_episode
 from policies.scripted_expert import ScriptedExpert
 
 

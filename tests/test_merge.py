@@ -1,4 +1,4 @@
-"""scripts/merge_results.py on real shards: the merge equals the unsharded run, and foreign shards are refused."""
+"""libero-eval-merge on real shards: the merge equals the unsharded run, and foreign shards are refused."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from examples.libero.results import TOP_LEVEL_KEYS
+from libero_eval.results import TOP_LEVEL_KEYS
 
 ROOT = Path(__file__).resolve().parents[1]
 MAIN = ROOT / "examples" / "libero" / "main.py"
-MERGE = ROOT / "scripts" / "merge_results.py"
+MERGE = Path(sys.executable).with_name("libero-eval-merge")  # the console command the venv installed
 EPISODE_FIELDS = (
     "suite",
     "task_id",
@@ -43,7 +43,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 
 
 def merge(*args: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(MERGE), *map(str, args)], capture_output=True, text=True, timeout=60)
+    return subprocess.run([str(MERGE), *map(str, args)], capture_output=True, text=True, timeout=60)
 
 
 def episodes(doc: dict) -> list[tuple]:
@@ -70,7 +70,7 @@ def test_a_partial_merge_is_not_complete(runs, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert json.loads((tmp_path / "half.json").read_text())["status"] == "interrupted"
     again = merge(runs["shard0"], "-o", tmp_path / "half.json")
-    assert again.returncode == 1 and "never overwritten" in again.stderr
+    assert again.returncode == 2 and "never overwritten" in again.stderr
 
 
 @pytest.mark.parametrize(
@@ -88,7 +88,7 @@ def test_refuses_what_is_not_one_run_cut_in_shards(runs, tmp_path, edit, message
     foreign = tmp_path / "foreign.json"
     foreign.write_text(json.dumps(doc))
     proc = merge(runs["shard0"], foreign, "-o", tmp_path / "merged.json")
-    assert proc.returncode == 1 and message in proc.stderr and proc.stderr.count("\n") == 1
+    assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1
     assert not (tmp_path / "merged.json").exists()
 
 

@@ -22,16 +22,16 @@ from policies.remote import PolicyServerError, RemotePolicy, batch_of, pack, par
 from tests.test_embedded_policy import batch
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVE, MAIN = ROOT / "scripts" / "serve_policy.py", ROOT / "examples" / "libero" / "main.py"
+SERVE, MAIN = Path(sys.executable).with_name("libero-eval-serve"), ROOT / "examples" / "libero" / "main.py"
 ROLLOUT = ["tasks=[0]", "trials_per_task=1", "suite.max_steps=30", "progress=false"]
 
 
 @contextmanager
 def policy_server(tmp_path: Path, *overrides: str):
-    """scripts/serve_policy.py on a free loopback port; yields (address, path of its log)."""
+    """libero-eval-serve on a free loopback port; yields (address, path of its log)."""
     log = tmp_path / "server.log"
     with log.open("w") as stderr:
-        proc = subprocess.Popen([sys.executable, str(SERVE), "port=0", f"results_dir={tmp_path}", *overrides],
+        proc = subprocess.Popen([str(SERVE), "port=0", f"results_dir={tmp_path}", *overrides],
                                 stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=ROOT)  # fmt: skip
     try:
         deadline = time.monotonic() + 120
@@ -183,5 +183,5 @@ def test_no_server_is_a_bounded_one_line_failure():
 
 
 def test_server_refuses_a_bad_port_in_one_line():
-    proc = subprocess.run([sys.executable, str(SERVE), "port=70000"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([str(SERVE), "port=70000"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip() == "error: port must be in 0..65535, got 70000"

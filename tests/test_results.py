@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from scipy import stats
 
-from examples.libero.results import TOP_LEVEL_KEYS, ResultsFile, wilson_interval
+from libero_eval.results import TOP_LEVEL_KEYS, ResultsFile, wilson_interval
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,13 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-from examples.libero.config import register_configs
-from examples.libero.evaluate import Evaluation, RunFailed
-from examples.libero.results import TOP_LEVEL_KEYS
-from policies.base import ObservationBatch, ObsMode, Policy
+from libero_eval import Evaluation, RunFailed, build_run_config, compose
+from libero_eval.results import TOP_LEVEL_KEYS
+from policies.base import ObservationBatch, ObsMode, Policy, PolicyWrapper
 from policies.embedded import DEFAULT_WEIGHTS
 from policies.scripted_expert import ScriptedExpert
 
@@ -29,31 +26,25 @@ EPISODE_KEYS = {"suite", "task_id", "task", "episode", "init_state", "seed", "su
 
 
 def make_run(overrides: list[str]):
-    register_configs()
     if not any(o.startswith("num_envs=") for o in overrides):  # in-process, so tests can count policy calls
         overrides = ["num_envs=1", *overrides]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        dcfg = compose("config", overrides=overrides)
-    return OmegaConf.to_object(dcfg), OmegaConf.to_container(dcfg, resolve=True)
+    return build_run_config(compose(overrides), overrides)
 
 
 def cli(*overrides: str, timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(MAIN), *overrides], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
-class Recording(Policy):
+class Recording(PolicyWrapper):
     """Passes through to a real policy and remembers every batch it was asked about."""
 
     def __init__(self, inner: Policy):
-        self.inner, self.batches = inner, []
-        self.name, self.obs_mode, self.chunk_size = inner.name, inner.obs_mode, inner.chunk_size
+        super().__init__(inner)
+        self.batches = []
 
     def predict(self, batch: ObservationBatch) -> np.ndarray:
         self.batches.append(batch)
         return self.inner.predict(batch)
-
-    def reset(self) -> None:
-        self.inner.reset()
 
 
 class StillPolicy(Policy):

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from examples.libero.evaluate import Evaluation
+from libero_eval import Evaluation, quantizing
 from policies.base import ObservationBatch, ObsMode, Policy
-from test_runner import make_run
+from test_runner import MAIN, ROOT, make_run
 
 
 class TinyMLPPolicy(Policy):
@@ -45,7 +49,7 @@ def test_calibration_uses_the_first_real_calls_and_is_recorded(tmp_path, rescore
                               "trials_per_task=2", "suite.max_steps=15", f"calibration.rescore={rescore}",
                               f"num_envs={num_envs}", f"results_dir={tmp_path}"])  # fmt: skip
     policy = TinyMLPPolicy()
-    path = Evaluation(cfg, resolved, policy=policy).run()
+    path = Evaluation(cfg, resolved, quantizing(policy, cfg.quant, cfg.results_dir)).run()
     doc = json.loads(path.read_text())
     calibration = doc["quant"]["calibration"]
 
@@ -67,5 +71,47 @@ def test_calibration_uses_the_first_real_calls_and_is_recorded(tmp_path, rescore
 def test_a_scope_matching_nothing_is_an_error(tmp_path):
     cfg, resolved = make_run(["quant=w4a8", "quant.exclude=[.]", f"results_dir={tmp_path}"])
     with pytest.raises(ValueError, match="no layers matched"):
-        Evaluation(cfg, resolved, policy=TinyMLPPolicy())
+        quantizing(TinyMLPPolicy(), cfg.quant, cfg.results_dir)
     assert not any(tmp_path.iterdir())
+
+
+def quantized_run_killed_after_calibration(tmp_path) -> tuple[list[str], Path, dict]:
+    """A real quantized run of the embedded policy, killed with SIGKILL once an episode after calibration is
+    recorded: (its command, its results JSON, the JSON as the kill left it)."""
+    args = [sys.executable, str(MAIN), "quant=w4a8", "quant.calib_steps=3", "quant.block_size=32", "tasks=[0]",
+            "trials_per_task=4", "suite.max_steps=30", "num_envs=1", "progress=false", f"results_dir={tmp_path}"]  # fmt: skip
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    folder, deadline = tmp_path / "libero_spatial", time.time() + 240
+    jsonl: list[Path] = []
+    while time.time() < deadline and not (jsonl and len(jsonl[0].read_text().splitlines()) >= 2):
+        time.sleep(0.2)
+        jsonl = list(folder.glob("*.jsonl")) if folder.exists() else []
+    proc.kill()
+    proc.communicate(timeout=60)
+    path = jsonl[0].with_suffix(".json")
+    return args, path, json.loads(path.read_text())
+
+
+def test_a_quantized_run_killed_hard_resumes_on_the_same_calibration(tmp_path):
+    args, path, killed = quantized_run_killed_after_calibration(tmp_path)
+    assert killed["status"] == "running" and killed["quant"]["calibration"]["complete"]
+    assert killed["quant"]["calibration"]["episodes"] == ["libero_spatial/task0/ep0"]
+
+    resumed = subprocess.run([*args[:2], f"resume={path}"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert resumed.returncode == 0, resumed.stderr
+    doc = json.loads(path.read_text())
+    assert doc["status"] == "complete" and sorted(e["episode"] for e in doc["episodes"]) == [0, 1, 2, 3]
+    assert doc["quant"]["calibration"]["calls"] == killed["quant"]["calibration"]["calls"]
+    assert [(r["name"], r["sqnr_db"]) for r in doc["quant"]["layers"]] == [
+        (r["name"], r["sqnr_db"]) for r in killed["quant"]["layers"]
+    ]
+    assert doc["quant"]["cache_misses"] == 0  # every transform came back from the pack the killed run fitted
+
+
+def test_resume_refuses_quantized_episodes_without_their_calibration_record(tmp_path):
+    args, path, killed = quantized_run_killed_after_calibration(tmp_path)
+    killed["quant"] = {"mode": "duquant"}  # as a run of an older version left it when killed
+    path.write_text(json.dumps(killed))
+    resumed = subprocess.run([*args[:2], f"resume={path}"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert resumed.returncode == 2 and "no record of the calibration" in resumed.stderr
+    assert len(resumed.stderr.strip().splitlines()) == 1

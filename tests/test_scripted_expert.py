@@ -74,8 +74,8 @@ def test_reset_forgets_episodes():
 )
 def test_solves_a_libero_spatial_episode(task_id, init, max_steps):
     pytest.importorskip("libero")
-    from examples.libero.env import LiberoEnv, load_task
-    from examples.libero.rollout import Protocol, run_episode
+    from libero_eval.env import LiberoEnv, load_task
+    from libero_eval.rollout import Protocol, run_episode
 
     task, init_states = load_task("libero_spatial", task_id)
     policy = ScriptedExpert()

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from test_runner import MAIN, ROOT, Recording, cli, make_run
 
-from examples.libero.evaluate import Evaluation, episode_id
-from examples.libero.rollout import EpisodeState, Protocol, ask
-from policies.base import ObservationBatch, Policy, collate
+from libero_eval import EpisodePlan, Evaluation, episode_id
+from libero_eval.rollout import EpisodeState, Protocol, ask
+from policies.base import ObservationBatch, PolicyWrapper, collate
 from policies.scripted_expert import ScriptedExpert
 
 SLICE = ["policy=scripted_expert", "suite=libero_spatial", "protocol.reset=soft", "progress=false"]
@@ -99,12 +99,12 @@ def test_batches_are_counted_in_rounds_not_by_which_worker_replied_first(tmp_pat
     assert [list(zip(b.episode_ids, b.steps)) for b in policy.batches] == together + alone
 
 
-class Sabotage(Policy):
+class Sabotage(PolicyWrapper):
     """Passes through to the scripted expert; at given calls kills one env worker and freezes another."""
 
     def __init__(self, kill_at: int, freeze_at: int):
-        self.inner, self.kill_at, self.freeze_at, self.calls = ScriptedExpert(), kill_at, freeze_at, 0
-        self.name, self.obs_mode, self.chunk_size = self.inner.name, self.inner.obs_mode, self.inner.chunk_size
+        super().__init__(ScriptedExpert())
+        self.kill_at, self.freeze_at, self.calls = kill_at, freeze_at, 0
         self.victims: list[int] = []
         self.workers_seen: list[int] = []  # in order of first sight
 
@@ -179,7 +179,7 @@ def test_sigterm_stops_a_sharded_multi_worker_run_leaving_no_workers_and_resume_
 def test_shards_partition_the_ordered_episode_list(tmp_path):
     def episodes(*overrides: str) -> list[tuple[int, int]]:
         cfg, resolved = make_run(["policy=scripted_expert", "tasks=[2,5]", "trials_per_task=3", *overrides])
-        return [(job.task_id, job.episode) for job in Evaluation(cfg, resolved).episodes()]
+        return [(job.task_id, job.episode) for job in EpisodePlan(cfg).episodes]
 
     every = episodes()
     assert every == [(2, 0), (2, 1), (2, 2), (5, 0), (5, 1), (5, 2)]

@@ -20,4 +20,4 @@ for quant in $QUANTS; do
   runs+=("$out")
 done
 echo
-"$PY" scripts/compare_results.py "${runs[@]}"
+"$PY" -m libero_eval.compare "${runs[@]}"

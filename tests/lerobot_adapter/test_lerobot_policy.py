@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from test_runner import make_run
 from tiny_smolvla import HUB_VLM, LAYERS, N_ACTION_STEPS, build_checkpoint
 
-from examples.libero.quantize import CalibratingPolicy, describe_layers
+from libero_eval.quantize import CalibratingPolicy, describe_layers
 from policies import make_policy
 from policies.base import ObservationBatch, file_sha256
 from policies.lerobot_policy import LeRobotCheckpointError, _verify_weights

@@ -1,0 +1,80 @@
+"""``libero-eval``: evaluate a policy on LIBERO, optionally DuQuant-quantized (the Hydra entry point).
+
+    libero-eval policy=embedded quant=w4a8 suite=libero_spatial
+    libero-eval -m quant=fp,w4a8 suite=libero_spatial,libero_object
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import signal
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from libero_eval.configure import build_run_config, register_schema
+from libero_eval.config import RunConfig
+from libero_eval.env import RenderingUnavailable
+from libero_eval.errors import fail, one_line
+from libero_eval.evaluate import Evaluation, ResumeMismatch, RunFailed
+from libero_eval.quantize import dry_run_report, quantizing
+from libero_eval.results import ResultsError
+from policies import make_policy
+
+register_schema("run_schema", RunConfig)
+
+
+def save_hydra_files(dcfg: DictConfig, results_path: Path) -> None:
+    """Hydra's record of the job (composed config, command-line overrides) beside the results it produced;
+    Hydra itself writes nothing, so a rejected run leaves no trace."""
+    folder = results_path.with_name(f"{results_path.stem}_hydra")
+    folder.mkdir(exist_ok=True)
+    OmegaConf.save(dcfg, folder / "config.yaml")
+    OmegaConf.save(OmegaConf.create(list(HydraConfig.get().overrides.task)), folder / "overrides.yaml")
+
+
+@hydra.main(config_path="conf", config_name="config", version_base=None)
+def main(dcfg: DictConfig) -> Path | None:
+    if mp.get_start_method(allow_none=True) not in mp.get_all_start_methods():
+        # A joblib launcher job runs in a loky worker whose default start method, "loky", is unknown to the env
+        # worker processes it spawns (they would die at start-up): give them a standard one.
+        mp.set_start_method("spawn", force=True)
+    # Set-up errors (bad values, unknown names, a scope that matches nothing) are the user's to fix: one line.
+    try:
+        cfg, resolved = build_run_config(dcfg, HydraConfig.get().overrides.task)
+        policy = make_policy(**asdict(cfg.policy))
+        if cfg.quant.dry_run:
+            print(dry_run_report(policy, cfg.quant))
+            return None
+        evaluation = Evaluation(cfg, resolved, quantizing(policy, cfg.quant, cfg.results_dir))
+    except (ValueError, FileNotFoundError, OmegaConfBaseException) as exc:
+        fail(one_line(exc))
+
+    def request_stop(signum, frame) -> None:
+        if evaluation.stop.is_set():
+            raise KeyboardInterrupt  # a second signal: stop right now
+        evaluation.stop.set()
+
+    # Ctrl-C or a scheduler's SIGTERM ends the run at the next step: results kept, resumable. Installed
+    # explicitly because a process started in the background inherits SIGINT as ignored.
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    try:
+        path = evaluation.run()
+    except (RenderingUnavailable, ResumeMismatch, ResultsError, FileNotFoundError) as exc:
+        fail(str(exc))
+    except RunFailed as exc:
+        fail(f"{exc}; run marked failed in {evaluation.results_path}")
+    save_hydra_files(dcfg, path)
+    print(f"results: {path}")
+    if evaluation.errors is not None:
+        print(f"warning: {evaluation.errors} (not counted as policy failures)", file=sys.stderr)
+    if evaluation.status == "interrupted":
+        print(f"interrupted: continue with resume={path}", file=sys.stderr)
+        sys.exit(130)
+    return path  # for the sweep index (libero_eval/sweep_index.py)

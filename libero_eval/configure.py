@@ -1,0 +1,81 @@
+"""The one way a config is built: Hydra composes ``conf/`` with the user's overrides into a typed dataclass.
+
+``libero-eval`` composes through ``@hydra.main`` (for multiruns and launchers);
+the server, the benchmarks and the tests call :func:`compose`; all of them turn
+the result into dataclasses with :func:`build_run_config`, so paths, resume and
+validation behave the same everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_module
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.utils import to_absolute_path
+from omegaconf import DictConfig, OmegaConf
+
+from libero_eval.config import RunConfig
+from libero_eval.results import flatten_config, read_results
+
+CONFIG_MODULE = "libero_eval.conf"  # the repository's conf/, installed as package data
+_ABSENT = object()
+
+
+def register_schema(name: str, node: type) -> None:
+    """Make a dataclass the schema a config file can list in its defaults (``run_schema``, ``serve_schema``)."""
+    ConfigStore.instance().store(name=name, node=node)
+
+
+def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
+    """``conf/<config_name>.yaml`` with ``overrides`` applied, outside ``@hydra.main``."""
+    register_schema("run_schema", RunConfig)
+    GlobalHydra.instance().clear()
+    with initialize_config_module(CONFIG_MODULE, version_base=None):
+        return hydra_compose(config_name, overrides=list(overrides))
+
+
+def user_path(value: str | None) -> str | None:
+    """A relative path against the directory the command ran in (a launcher or hydra.job.chdir may have moved
+    this job); an address such as ``ws://host:port`` as given."""
+    return value if value is None or "://" in value else to_absolute_path(value)
+
+
+def adopt_interrupted_config(dcfg: DictConfig, overrides: Sequence[str]) -> None:
+    """Give every key the command line leaves unset the interrupted run's value, so ``resume=FILE`` alone (what
+    an interrupted run prints) continues it as configured; keys set on the command line must still match."""
+    explicit = [o.key_or_group for o in OverridesParser.create().parse_overrides(list(overrides))]
+    recorded = read_results(Path(user_path(dcfg.resume))).get("config") or {}
+    for key, value in flatten_config(recorded).items():
+        if key == "resume" or any(key == k or key.startswith(f"{k}.") for k in explicit):
+            continue
+        if OmegaConf.select(dcfg, key, default=_ABSENT) is not _ABSENT:  # a key of an older schema is left out
+            OmegaConf.update(dcfg, key, value, merge=False)
+
+
+def check_writable(folder: Path, key: str) -> None:
+    """Refuse, before anything loads or is written, a folder that cannot be created or written into."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise ValueError(f"{key}={folder} cannot be a results folder: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{key}={folder} is not writable ({existing} refuses writes: read-only or not yours)")
+
+
+def build_run_config(dcfg: DictConfig, overrides: Sequence[str] = ()) -> tuple[RunConfig, dict[str, Any]]:
+    """The typed run config and the resolved plain one the results record. ``overrides`` are the user's, so a
+    resumed run knows which keys they set. Raises ``ValueError`` (one line) for a bad value."""
+    if dcfg.resume is not None:
+        adopt_interrupted_config(dcfg, overrides)
+    cfg: RunConfig = OmegaConf.to_object(dcfg)
+    cfg.results_dir, cfg.resume = user_path(cfg.results_dir), user_path(cfg.resume)
+    cfg.policy.path, cfg.policy.tokenizer = user_path(cfg.policy.path), user_path(cfg.policy.tokenizer)
+    check_writable(Path(cfg.results_dir), "results_dir")
+    return cfg, OmegaConf.to_container(dcfg, resolve=True)
