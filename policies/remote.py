@@ -42,6 +42,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from websockets.sync.client import ClientConnection, connect
 
 from policies.base import ACTION_DIM, ObservationBatch, ObsMode, Policy
+from policies.checkpoints import check_sha256, expected_sha256
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,8 @@ class RemotePolicy(Policy):
     ``request_timeout_s`` (generous: a quantized server calibrates inside a
     request). The socket is opened here and handed to websockets, so a redirect
     can never lead elsewhere and no proxy is used. A failed request drops the
-    connection; the next call reconnects.
+    connection; the next call reconnects. With ``sha256``, every connection
+    checks that the server serves those weights.
     """
 
     name = "remote"
@@ -170,8 +172,10 @@ class RemotePolicy(Policy):
         connect_attempts: int = 3,
         retry_wait_s: float = 2.0,
         request_timeout_s: float = 600.0,
+        sha256: str | None = None,
     ):
         self.address = address
+        self._sha256 = sha256
         self._host, self._port = parse_address(address)
         self._connect_timeout_s, self._connect_attempts = connect_timeout_s, connect_attempts
         self._retry_wait_s, self._request_timeout_s = retry_wait_s, request_timeout_s
@@ -184,10 +188,24 @@ class RemotePolicy(Policy):
         self._reset_pending = True
 
     @classmethod
-    def from_config(cls, path: str | None = None, device: str = "auto") -> RemotePolicy:
+    def from_config(cls, path: str | None = None, device: str = "auto", sha256: str | None = None) -> RemotePolicy:
         if path is None:
             raise PolicyServerError("policy=remote needs the server's address: policy.path=ws://HOST:PORT")
-        return cls(path)
+        return cls(path, sha256=expected_sha256(sha256))
+
+    def _check_weights(self) -> None:
+        """Refuse a server whose ``weights_sha256`` is not ``sha256``: checked on every connection, since a
+        server restarted between two of them may serve other weights."""
+        served = self.metadata.get("weights_sha256")
+        try:
+            if served is None:
+                raise PolicyServerError(
+                    f"policy server {self.address} sends no weights_sha256 to check policy.sha256 against"
+                )
+            check_sha256(f"{self.metadata.get('checkpoint')} served at {self.address}", served, self._sha256)
+        except ValueError:
+            self.close()
+            raise
 
     def _connect(self) -> None:
         error: Exception | None = None
@@ -206,6 +224,8 @@ class RemotePolicy(Policy):
                 log.info("policy server %s: attempt %d failed (%s)", self.address, attempt + 1, exc)
                 continue
             self._conn, self.metadata = conn, json_safe(metadata) if isinstance(metadata, dict) else {}
+            if self._sha256 is not None:
+                self._check_weights()
             return
         raise PolicyServerError(
             f"no policy server at {self.address} after {self._connect_attempts} attempts "
@@ -261,4 +281,5 @@ class RemotePolicy(Policy):
             self._conn = None
 
     def describe(self) -> dict:
-        return {"server": self.address, "server_metadata": self.metadata}
+        return {"server": self.address, "weights_sha256": self.metadata.get("weights_sha256"),
+                "server_metadata": self.metadata}  # fmt: skip

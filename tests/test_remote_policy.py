@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from websockets.sync.client import connect
 
-from policies.embedded import EmbeddedPolicy
+from policies.base import file_sha256
+from policies.embedded import DEFAULT_WEIGHTS, EmbeddedPolicy
 from policies.remote import PolicyServerError, RemotePolicy, batch_of, pack, parse_address, request_of, unpack
 from tests.test_embedded_policy import batch
 
@@ -123,6 +124,15 @@ def test_remote_predictions_match_the_in_process_policy(embedded_server):
     assert described["server"] == embedded_server
     assert described["server_metadata"]["weights_sha256"] == local.describe()["weights_sha256"]
     assert described["server_metadata"]["quant"] == {"mode": "fp"}
+
+
+def test_policy_sha256_is_checked_against_the_served_weights(embedded_server):
+    served, wrong = file_sha256(DEFAULT_WEIGHTS), "0" * 64
+    assert RemotePolicy.from_config(embedded_server, sha256=served).describe()["weights_sha256"] == served
+    with pytest.raises(ValueError) as caught:
+        RemotePolicy.from_config(embedded_server, sha256=wrong)
+    assert "\n" not in str(caught.value)
+    assert all(part in str(caught.value) for part in (str(DEFAULT_WEIGHTS), embedded_server, served, wrong))
 
 
 def test_server_traceback_becomes_one_line_and_the_next_call_reconnects(embedded_server):
