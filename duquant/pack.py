@@ -4,8 +4,9 @@ A pack's file name carries a hash of everything the transform depends on:
 the quantization settings of the layer, its weight, its calibration
 statistics and the pack format version. A changed knob, weight or input
 therefore looks up a different file and a stale pack is never reused. A pack
-that cannot be read or does not describe a valid transform is reported by
-file name and rebuilt.
+that cannot be read, does not describe a valid transform, or whose tensors no
+longer match the content hash stored in its metadata (bytes altered on disk
+behind an intact header) is reported by file name and rebuilt.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from .stats import ActivationStats
 from .transform import Transform
 
 PACK_FORMAT = "duquant-pack"
-PACK_VERSION = 1
+PACK_VERSION = 2  # 2: metadata "sha256" of the tensors; a version-1 pack (no hash) is keyed apart, never read
 # Fields that pick layers; they cannot change a layer's transform.
 _UNKEYED = ("include", "exclude", "layers", "overrides")
 
@@ -46,7 +47,16 @@ def pack_key(name: str, cfg: QuantConfig, bits: LayerBits, weight: torch.Tensor,
     return digest.hexdigest()
 
 
-def _hash_tensor(digest: "hashlib.blake2b", tensor: Optional[torch.Tensor]) -> None:
+def content_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the tensors' names, dtypes, shapes and bytes, in name order: what a pack's metadata vouches for."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        _hash_tensor(digest, tensors[name])
+    return digest.hexdigest()
+
+
+def _hash_tensor(digest: "hashlib._Hash", tensor: Optional[torch.Tensor]) -> None:
     if tensor is None:
         digest.update(b"none")
         return
@@ -75,6 +85,9 @@ class PackStore:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError, ValueError, RuntimeError) as err:
             raise CorruptPackError(f"pack {path} is unreadable ({err})") from None
+        # safetensors checks only the header: altered tensor bytes would otherwise load as a valid-looking transform.
+        if metadata.get("sha256") != content_sha256(tensors):
+            raise CorruptPackError(f"pack {path} is damaged: its tensors do not match the sha256 in its metadata")
         transform = _decode(path, metadata, tensors, name, key, in_features)
         for field_name, tensor in transform.tensors().items():
             setattr(transform, field_name, tensor.to(device))
@@ -93,6 +106,7 @@ class PackStore:
             "block": str(transform.block),
         }
         tensors = {k: v.detach().contiguous().cpu() for k, v in transform.tensors().items()}
+        metadata["sha256"] = content_sha256(tensors)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         save_file(tensors, tmp, metadata=metadata)
         os.replace(tmp, path)

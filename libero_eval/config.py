@@ -39,6 +39,7 @@ class PolicyConfig:
     device: str = "auto"  # auto = cuda when available, else cpu
     tokenizer: Optional[str] = None  # lerobot_*: local tokenizer (and VLM files) directory; None = <path>/tokenizer
     compile: Optional[str] = None  # openpi_*: torch.compile mode or none; None = auto (none on CPU, default on CUDA)
+    sha256: Optional[str] = None  # the weights' expected sha256 (64 hex digits); a checkpoint that differs is refused
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""One line for a checkpoint that does not fit its model, instead of torch's multi-page ``load_state_dict`` error."""
+"""Checkpoint checks that end in one line: a checkpoint that does not fit its model (instead of torch's multi-page
+``load_state_dict`` error), and weights whose sha256 is not the expected one."""
 
 from __future__ import annotations
 
@@ -26,3 +27,28 @@ def state_dict_mismatch(err: BaseException, shown: int = 3) -> str | None:
 def _listed(what: str, names: list[str], shown: int) -> str:
     more = f" and {len(names) - shown} more" if len(names) > shown else ""
     return f"{what}: {', '.join(names[:shown])}{more}"
+
+
+class WeightsHashError(ValueError):
+    """Weights whose sha256 is not the one they must have; the message is one line."""
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def expected_sha256(value: str | None) -> str | None:
+    """``policy.sha256`` in lower case, refused unless it is 64 hex digits: checked before any weights are read."""
+    if value is None:
+        return None
+    digest = str(value).strip().lower()
+    if not _SHA256.fullmatch(digest):
+        raise WeightsHashError(f"policy.sha256 must be 64 hex digits, got {value!r}")
+    return digest
+
+
+def check_sha256(weights: str, actual: str | None, expected: str | None, source: str = "policy.sha256") -> None:
+    """Refuse weights whose sha256 differs from ``expected`` (None: nothing to check). Damaged or swapped weights
+    load without complaint and compute garbage (non-finite or plausible-but-wrong actions), so a hash that is known
+    is always compared."""
+    if expected is not None and actual != expected:
+        raise WeightsHashError(f"{weights} has sha256 {actual}, but {source} expects {expected}: damaged or swapped")

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from policies.base import ACTION_DIM, STATE_DIM, ObservationBatch, ObsMode, Policy, file_sha256, resolve_device
+from policies.checkpoints import check_sha256, expected_sha256
 from policies.noise import episode_noise
 from policies.openpi_policy import scope_presets as openpi_scope_presets
 from policies.optional import DependencyUnavailable, import_optional
@@ -93,12 +94,21 @@ class LeRobotPolicy(Policy):
     obs_mode = ObsMode.RGB
     policy_type: str  # lerobot's name for the family, the ``type`` in the checkpoint's config.json
 
-    def __init__(self, checkpoint_dir: str | Path, *, device: str, tokenizer: str | Path | None = None):
+    def __init__(
+        self,
+        checkpoint_dir: str | Path,
+        *,
+        device: str,
+        tokenizer: str | Path | None = None,
+        sha256: str | None = None,
+    ):
         PreTrainedConfig, get_policy_class, make_pre_post_processors = _lerobot(self.name)
         self._path = Path(checkpoint_dir)
         weights = self._path / "model.safetensors"
         if not weights.is_file():
             raise LeRobotCheckpointError(f"{self._path} has no model.safetensors: refusing to run random weights")
+        self._weights_sha256 = file_sha256(weights)  # before loading, so a refused checkpoint costs no load
+        check_sha256(str(weights), self._weights_sha256, sha256)
         kind = (_load_json(self._path / "config.json") or {}).get("type")
         if kind is None:
             raise LeRobotCheckpointError(
@@ -117,7 +127,6 @@ class LeRobotPolicy(Policy):
         config.device = device
         self._config = config
         self._policy = _load_checked(get_policy_class(config.type), self._path, config)
-        self._weights_sha256 = file_sha256(weights)
         self._pre, self._post = self._processors(make_pre_post_processors, config, saved, device)
         self._action_dim = config.output_features["action"].shape[0]
         if self._action_dim < ACTION_DIM:
@@ -129,11 +138,13 @@ class LeRobotPolicy(Policy):
         self._device = torch.device(device)
 
     @classmethod
-    def from_config(cls, path: str | None = None, device: str = "auto", tokenizer: str | None = None) -> LeRobotPolicy:
+    def from_config(
+        cls, path: str | None = None, device: str = "auto", tokenizer: str | None = None, sha256: str | None = None
+    ) -> LeRobotPolicy:
         _lerobot(cls.name)  # the install hint comes before any complaint about the path
         if path is None:
             raise ValueError(f"policy {cls.name!r} needs policy.path=<LeRobot checkpoint directory>")
-        return cls(path, device=resolve_device(device), tokenizer=tokenizer)
+        return cls(path, device=resolve_device(device), tokenizer=tokenizer, sha256=expected_sha256(sha256))
 
     def _configured_tokenizer(self, config, saved: dict | None) -> str:
         """The tokenizer the checkpoint names (a hub id or a local path)."""

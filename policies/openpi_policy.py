@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from policies.base import ACTION_DIM, ObservationBatch, ObsMode, Policy, resolve_device
-from policies.checkpoints import state_dict_mismatch
+from policies.base import ACTION_DIM, ObservationBatch, ObsMode, Policy, file_sha256, resolve_device
+from policies.checkpoints import check_sha256, expected_sha256, state_dict_mismatch
 from policies.noise import episode_noise
 from policies.optional import DependencyUnavailable, import_optional
 from policies.scopes import pi0_presets
@@ -86,15 +86,21 @@ class OpenpiPolicy(Policy):
     obs_mode = ObsMode.RGB
     training_config: str  # the openpi training config the checkpoint was trained with
 
-    def __init__(self, checkpoint_dir: str | Path, *, device: str, compile: str | None = None):
+    def __init__(
+        self, checkpoint_dir: str | Path, *, device: str, compile: str | None = None, sha256: str | None = None
+    ):
         policy_config, training_config = _openpi(self.name)
         self.compile = compile_mode(compile, device)
         self._path = Path(checkpoint_dir)
-        if not (self._path / "model.safetensors").is_file():
+        weights = self._path / "model.safetensors"
+        if not weights.is_file():
             raise FileNotFoundError(
                 f"{self._path} has no model.safetensors: only openpi PyTorch checkpoints can be quantized "
                 "(convert a JAX one with openpi's examples/convert_jax_model_to_pytorch.py)"
             )
+        # Hashed here, before minutes of loading, rather than by the runner afterwards: it is recorded either way.
+        self._weights_sha256 = file_sha256(weights)
+        check_sha256(str(weights), self._weights_sha256, sha256)
         config = training_config.get_config(self.training_config)
         # openpi wraps sample_actions in torch.compile when it builds the model; this adapter compiles it itself,
         # with dynamic shapes, so batch sizes and (after calibration) quantized layers do not recompile per call.
@@ -114,13 +120,15 @@ class OpenpiPolicy(Policy):
         self._noise_shape = (config.model.action_horizon, config.model.action_dim)
 
     @classmethod
-    def from_config(cls, path: str | None = None, device: str = "auto", compile: str | None = None) -> OpenpiPolicy:
+    def from_config(
+        cls, path: str | None = None, device: str = "auto", compile: str | None = None, sha256: str | None = None
+    ) -> OpenpiPolicy:
         _openpi(cls.name)  # the install hint comes before any complaint about the path
         if path is None:
             raise ValueError(f"policy {cls.name!r} needs policy.path=<openpi PyTorch checkpoint directory>")
         device = resolve_device(device)
         compile_mode(compile, device)  # a bad value before minutes of loading
-        return cls(path, device=device, compile=compile)
+        return cls(path, device=device, compile=compile, sha256=expected_sha256(sha256))
 
     def predict(self, batch: ObservationBatch) -> np.ndarray:
         noise = episode_noise(batch.episode_seeds, batch.steps, self._noise_shape).numpy()
@@ -149,6 +157,7 @@ class OpenpiPolicy(Policy):
 
     def describe(self) -> dict:
         return {"openpi_config": self.training_config, "chunk_size": self.chunk_size, "compile": self.compile,
+                "weights_sha256": self._weights_sha256,
                 "noise_shape": list(self._noise_shape), "params": sum(p.numel() for p in self.module.parameters())}  # fmt: skip
 
 

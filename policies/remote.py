@@ -25,23 +25,33 @@ what this harness's state-mode policies and per-episode noise need::
                                                 served to several clients is reset by each one's)
 
 openpi servers read only the keys they know, so the extra keys are harmless to them.
+
+A server that holds a shared key (always, when it is not bound to loopback) wants
+it in the handshake as openpi-client sends its ``api_key``: the header
+``Authorization: Api-Key <key>``. This client takes the key from the
+``LIBERO_EVAL_API_KEY`` environment variable only, never from the config: the
+config is written into every results file.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import time
 from contextlib import ExitStack
+from http import HTTPStatus
 from urllib.parse import urlsplit
 
 import msgpack
 import numpy as np
-from websockets.exceptions import ConnectionClosed, InvalidHandshake
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.protocol import State
 from websockets.sync.client import ClientConnection, connect
 
 from policies.base import ACTION_DIM, ObservationBatch, ObsMode, Policy
+from policies.checkpoints import check_sha256, expected_sha256
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +64,14 @@ EPISODE_KEY, SEED_KEY, STEP_KEY, RESET_KEY = (
     "harness/step",
     "harness/reset",
 )
+
+API_KEY_ENV = "LIBERO_EVAL_API_KEY"  # the shared key, for the server and for its clients
+# Both ends refuse larger frames. The largest legitimate frame is a request, one observation: two uint8 camera
+# images (224x224x3 as the harness sends them; 256x256x3 = 192 KiB each from a client that sends them as
+# rendered), 8 floats, a prompt and a few object poses: under 0.4 MiB. Replies (an action chunk, the metadata)
+# are a few KiB. 16 MiB is 40 times that: room for 1024 px cameras (6 MiB) or a foreign client that batches tens
+# of observations, while a client can no longer make the server buffer arbitrary amounts.
+MAX_MESSAGE_MB = 16
 
 
 class PolicyServerError(ValueError):
@@ -157,7 +175,9 @@ class RemotePolicy(Policy):
     ``request_timeout_s`` (generous: a quantized server calibrates inside a
     request). The socket is opened here and handed to websockets, so a redirect
     can never lead elsewhere and no proxy is used. A failed request drops the
-    connection; the next call reconnects.
+    connection, as does a server that closed it (idle); the next call reconnects.
+    A frame over ``max_message_mb`` ends the connection. With ``sha256``, every
+    connection checks that the server serves those weights.
     """
 
     name = "remote"
@@ -170,8 +190,12 @@ class RemotePolicy(Policy):
         connect_attempts: int = 3,
         retry_wait_s: float = 2.0,
         request_timeout_s: float = 600.0,
+        max_message_mb: int = MAX_MESSAGE_MB,
+        sha256: str | None = None,
     ):
         self.address = address
+        self._max_message_bytes = max_message_mb << 20
+        self._sha256 = sha256
         self._host, self._port = parse_address(address)
         self._connect_timeout_s, self._connect_attempts = connect_timeout_s, connect_attempts
         self._retry_wait_s, self._request_timeout_s = retry_wait_s, request_timeout_s
@@ -184,10 +208,24 @@ class RemotePolicy(Policy):
         self._reset_pending = True
 
     @classmethod
-    def from_config(cls, path: str | None = None, device: str = "auto") -> RemotePolicy:
+    def from_config(cls, path: str | None = None, device: str = "auto", sha256: str | None = None) -> RemotePolicy:
         if path is None:
             raise PolicyServerError("policy=remote needs the server's address: policy.path=ws://HOST:PORT")
-        return cls(path)
+        return cls(path, sha256=expected_sha256(sha256))
+
+    def _check_weights(self) -> None:
+        """Refuse a server whose ``weights_sha256`` is not ``sha256``: checked on every connection, since a
+        server restarted between two of them may serve other weights."""
+        served = self.metadata.get("weights_sha256")
+        try:
+            if served is None:
+                raise PolicyServerError(
+                    f"policy server {self.address} sends no weights_sha256 to check policy.sha256 against"
+                )
+            check_sha256(f"{self.metadata.get('checkpoint')} served at {self.address}", served, self._sha256)
+        except ValueError:
+            self.close()
+            raise
 
     def _connect(self) -> None:
         error: Exception | None = None
@@ -197,25 +235,40 @@ class RemotePolicy(Policy):
             try:
                 with ExitStack() as opened:
                     sock = socket.create_connection((self._host, self._port), timeout=self._connect_timeout_s)
-                    conn = opened.enter_context(connect(self.address, sock=sock, compression=None, max_size=None,
-                                                        ping_interval=None, open_timeout=self._connect_timeout_s))  # fmt: skip
+                    conn = opened.enter_context(connect(self.address, sock=sock, compression=None,
+                                                        max_size=self._max_message_bytes, ping_interval=None,
+                                                        open_timeout=self._connect_timeout_s,
+                                                        additional_headers=self._auth_headers()))  # fmt: skip
                     metadata = unpack(conn.recv(timeout=self._connect_timeout_s))
                     self._open = opened.pop_all()  # keep the connection open past this block
             except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed) as exc:
+                if isinstance(exc, InvalidStatus) and exc.response.status_code == HTTPStatus.UNAUTHORIZED:
+                    raise PolicyServerError(  # retrying cannot help
+                        f"policy server {self.address} refused the api key (HTTP 401): set {API_KEY_ENV} to its key"
+                    ) from None
                 error = exc
                 log.info("policy server %s: attempt %d failed (%s)", self.address, attempt + 1, exc)
                 continue
             self._conn, self.metadata = conn, json_safe(metadata) if isinstance(metadata, dict) else {}
+            if self._sha256 is not None:
+                self._check_weights()
             return
         raise PolicyServerError(
             f"no policy server at {self.address} after {self._connect_attempts} attempts "
             f"({type(error).__name__}: {error}); start one with scripts/serve_policy.py"
         )
 
+    @staticmethod
+    def _auth_headers() -> dict[str, str] | None:
+        key = os.environ.get(API_KEY_ENV)
+        return {"Authorization": f"Api-Key {key}"} if key else None
+
     def reset(self) -> None:
         self._reset_pending = True
 
     def predict(self, batch: ObservationBatch) -> np.ndarray:
+        if self._conn is not None and self._conn.state is not State.OPEN:  # e.g. the server closed it as idle
+            self.close()
         if self._conn is None:
             self._connect()
         chunks = []
@@ -261,4 +314,5 @@ class RemotePolicy(Policy):
             self._conn = None
 
     def describe(self) -> dict:
-        return {"server": self.address, "server_metadata": self.metadata}
+        return {"server": self.address, "weights_sha256": self.metadata.get("weights_sha256"),
+                "server_metadata": self.metadata}  # fmt: skip

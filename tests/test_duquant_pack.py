@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -87,3 +88,26 @@ def test_load_names_the_corrupt_file(tmp_path):
     path.write_bytes(b"not a safetensors file")
     with pytest.raises(CorruptPackError, match=path.name):
         PackStore(tmp_path).load("layer", "0" * 40, 64, torch.device("cpu"))
+
+
+def _tensor_bytes(path, name: str) -> tuple[int, int]:
+    """(start, end) file offsets of one tensor's data, read from the safetensors header."""
+    raw = path.read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    start, end = json.loads(raw[8 : 8 + header_len])[name]["data_offsets"]
+    return 8 + header_len + start, 8 + header_len + end
+
+
+def test_altered_tensor_bytes_behind_an_intact_header_are_named_and_rebuilt(tmp_path):
+    reference, _ = _run(CFG, tmp_path)
+    victim = sorted(tmp_path.glob("*.safetensors"))[0]
+    start, end = _tensor_bytes(victim, "smooth")
+    raw = bytearray(victim.read_bytes())
+    smooth = torch.frombuffer(raw[start:end], dtype=torch.float32)
+    raw[start:end] = (smooth * 3).numpy().tobytes()  # still finite, right shape: only the content hash can tell
+    victim.write_bytes(bytes(raw))
+    with pytest.warns(UserWarning, match=victim.name):
+        rebuilt, report = _run(CFG, tmp_path)
+    assert report["cache_rebuilt"] == 1 and report["cache_hits"] == 1
+    for a, b in zip(reference.state_dict().values(), rebuilt.state_dict().values()):
+        assert torch.equal(a, b)

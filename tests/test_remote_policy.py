@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import select
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,10 +17,24 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import pytest
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.frames import CloseCode
 from websockets.sync.client import connect
+from websockets.sync.server import serve
 
-from policies.embedded import EmbeddedPolicy
-from policies.remote import PolicyServerError, RemotePolicy, batch_of, pack, parse_address, request_of, unpack
+from policies.base import file_sha256
+from policies.embedded import DEFAULT_WEIGHTS, EmbeddedPolicy
+from policies.remote import (
+    API_KEY_ENV,
+    MAX_MESSAGE_MB,
+    PolicyServerError,
+    RemotePolicy,
+    batch_of,
+    pack,
+    parse_address,
+    request_of,
+    unpack,
+)
 from tests.test_embedded_policy import batch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,6 +141,15 @@ def test_remote_predictions_match_the_in_process_policy(embedded_server):
     assert described["server_metadata"]["quant"] == {"mode": "fp"}
 
 
+def test_policy_sha256_is_checked_against_the_served_weights(embedded_server):
+    served, wrong = file_sha256(DEFAULT_WEIGHTS), "0" * 64
+    assert RemotePolicy.from_config(embedded_server, sha256=served).describe()["weights_sha256"] == served
+    with pytest.raises(ValueError) as caught:
+        RemotePolicy.from_config(embedded_server, sha256=wrong)
+    assert "\n" not in str(caught.value)
+    assert all(part in str(caught.value) for part in (str(DEFAULT_WEIGHTS), embedded_server, served, wrong))
+
+
 def test_server_traceback_becomes_one_line_and_the_next_call_reconnects(embedded_server):
     remote = RemotePolicy(embedded_server)
     no_poses = batch([0], [0])
@@ -185,3 +210,93 @@ def test_no_server_is_a_bounded_one_line_failure():
 def test_server_refuses_a_bad_port_in_one_line():
     proc = subprocess.run([str(SERVE), "port=70000"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip() == "error: port must be in 0..65535, got 70000"
+
+
+# -- limits and the shared key ---------------------------------------------------------------------------------------
+
+KEY = "test-key-0123"
+AUTH = {"Authorization": f"Api-Key {KEY}"}  # the header openpi-client sends for api_key=KEY
+
+
+@pytest.fixture(scope="module")
+def guarded_server(tmp_path_factory):
+    """A server with a key that closes connections idle for 2 s and refuses frames over 1 MiB: (address, log)."""
+    overrides = ("policy=embedded", f"api_key={KEY}", "idle_timeout_s=2", "max_message_mb=1")
+    with policy_server(tmp_path_factory.mktemp("serve_guarded"), *overrides) as served:
+        yield served
+
+
+def test_a_server_with_a_key_refuses_a_handshake_without_it(guarded_server, monkeypatch):
+    address, _ = guarded_server
+    for headers in (None, {"Authorization": "Api-Key wrong"}, {"Authorization": KEY}):
+        with pytest.raises(InvalidStatus) as caught:
+            connect(address, additional_headers=headers, open_timeout=10)
+        assert caught.value.response.status_code == 401
+    with connect(address, additional_headers=AUTH, compression=None, max_size=None) as ws:  # as openpi-client does
+        assert unpack(ws.recv(timeout=30))["policy"] == "embedded"
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    start = time.monotonic()
+    with pytest.raises(PolicyServerError, match=rf"refused the api key \(HTTP 401\): set {API_KEY_ENV}"):
+        RemotePolicy(address)
+    assert time.monotonic() - start < 2  # not retried: a wrong key stays wrong
+    monkeypatch.setenv(API_KEY_ENV, KEY)
+    assert RemotePolicy(address).predict(batch([0], [0])).shape == (1, 10, 7)
+
+
+def test_binding_beyond_loopback_without_a_key_is_refused_in_one_line():
+    env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}
+    proc = subprocess.run([sys.executable, str(SERVE), "host=0.0.0.0", "port=0"], check=False, capture_output=True,
+                          text=True, timeout=120, cwd=ROOT, env=env)  # fmt: skip
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith(
+        f"error: host=0.0.0.0 is reachable from other machines: set a shared key in {API_KEY_ENV}"
+    )
+
+
+def test_an_idle_connection_is_closed_and_the_client_reconnects(guarded_server, monkeypatch):
+    address, _ = guarded_server
+    with connect(address, additional_headers=AUTH) as ws:
+        ws.recv(timeout=10)  # the metadata, then nothing is sent
+        start = time.monotonic()
+        with pytest.raises(ConnectionClosed) as caught:
+            ws.recv(timeout=30)
+    assert 1.5 < time.monotonic() - start < 20 and caught.value.rcvd.code == CloseCode.GOING_AWAY
+    monkeypatch.setenv(API_KEY_ENV, KEY)
+    remote = RemotePolicy(address)
+    remote.predict(batch([0], [0]))
+    time.sleep(3)  # the server closes the connection meanwhile
+    assert remote.predict(batch([0], [5])).shape == (1, 10, 7)
+
+
+def test_an_oversize_frame_is_refused_by_the_server(guarded_server):
+    address, _ = guarded_server
+    with connect(address, additional_headers=AUTH, max_size=None) as ws:
+        ws.recv(timeout=10)
+        with pytest.raises(ConnectionClosed) as caught:
+            ws.send(b"\0" * (2 << 20))  # over the server's max_message_mb=1
+            ws.recv(timeout=30)
+    assert caught.value.rcvd.code == CloseCode.MESSAGE_TOO_BIG
+
+
+def test_an_oversize_frame_is_refused_by_the_client():
+    def flood(ws) -> None:  # a server whose metadata is larger than any legitimate frame
+        ws.send(b"\0" * ((MAX_MESSAGE_MB + 1) << 20))
+
+    with serve(flood, "127.0.0.1", 0) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        address = f"ws://127.0.0.1:{server.socket.getsockname()[1]}"
+        with pytest.raises(PolicyServerError, match="after 1 attempts .*1009 \\(message too big\\)"):
+            RemotePolicy(address, connect_attempts=1)
+        server.shutdown()
+
+
+def test_an_error_frame_is_one_line_and_the_traceback_stays_in_the_log(guarded_server):
+    address, log = guarded_server
+    no_poses = batch([0], [0])
+    no_poses.object_poses = None
+    with connect(address, additional_headers=AUTH) as ws:
+        ws.recv(timeout=10)
+        ws.send(pack(request_of(no_poses, 0, reset=True)))
+        error = ws.recv(timeout=30)
+    assert error == "ValueError: the embedded policy reads object poses: build the env in 'state' observation mode"
+    assert "Traceback" in log.read_text() and 'File "' in log.read_text()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +17,7 @@ import pytest
 
 from libero_eval import Evaluation, RunFailed, build_run_config, compose
 from libero_eval.results import TOP_LEVEL_KEYS
-from policies.base import ObservationBatch, ObsMode, Policy, PolicyWrapper
+from policies.base import ObservationBatch, ObsMode, Policy, PolicyWrapper, file_sha256
 from policies.embedded import DEFAULT_WEIGHTS
 from policies.scripted_expert import ScriptedExpert
 
@@ -134,6 +136,48 @@ def test_cli_stops_a_policy_that_raises_on_every_call(tmp_path):
     assert doc["status"] == "failed" and doc["overall"]["episodes"] == 3 and doc["overall"]["errored"] == 3
 
 
+def refused_in_one_line(proc: subprocess.CompletedProcess, *parts: str) -> None:
+    """Exit 2 with a single ``error:`` line on stderr holding every one of ``parts``, and no traceback."""
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert all(part in lines[0] for part in parts), lines[0]
+
+
+def test_damaged_shipped_weights_are_refused_by_their_recipe_hash(tmp_path):
+    """Bytes flipped in the tensor data (header intact) of a copy of the shipped weights, recipe.json beside them."""
+    weights_dir = tmp_path / "weights"
+    shutil.copytree(DEFAULT_WEIGHTS.parent, weights_dir)
+    weights = weights_dir / DEFAULT_WEIGHTS.name
+    data = bytearray(weights.read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")
+    data[header + 1000 : header + 1064] = bytes(b ^ 0xFF for b in data[header + 1000 : header + 1064])
+    weights.write_bytes(bytes(data))
+    recorded = json.loads((weights_dir / "recipe.json").read_text())["weights_sha256"]
+    results = tmp_path / "results"
+    proc = cli("policy=embedded", f"policy.path={weights_dir}", "tasks=[0]", "trials_per_task=1",
+               f"results_dir={results}", timeout=120)  # fmt: skip
+    refused_in_one_line(proc, str(weights), hashlib.sha256(bytes(data)).hexdigest(), recorded, "recipe.json")
+    assert not results.exists()
+
+
+def test_a_checkpoint_with_another_sha256_than_policy_sha256_is_refused(tmp_path):
+    wrong = "ab" * 32
+    proc = cli("policy=embedded", f"policy.sha256={wrong}", "tasks=[0]", "trials_per_task=1",
+               f"results_dir={tmp_path}", timeout=120)  # fmt: skip
+    refused_in_one_line(proc, str(DEFAULT_WEIGHTS), file_sha256(DEFAULT_WEIGHTS), wrong, "policy.sha256")
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_expected_sha256_is_checked_and_recorded(tmp_path):
+    sha256 = file_sha256(DEFAULT_WEIGHTS).upper()  # any case is accepted
+    proc = cli("policy=embedded", f"policy.sha256={sha256}", "tasks=[0]", "trials_per_task=1", "suite.max_steps=5",
+               "num_envs=1", "progress=false", f"results_dir={tmp_path}", timeout=240)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(next((tmp_path / "libero_spatial").glob("*.json")).read_text())
+    assert doc["config"]["policy"]["sha256"] == sha256
+    assert doc["policy"]["weights_sha256"] == sha256.lower()
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
@@ -146,6 +190,7 @@ def test_cli_stops_a_policy_that_raises_on_every_call(tmp_path):
         ("policy.name=nope", "not registered"),
         ("policy.tokenizer=/tok", "takes no tokenizer"),
         ("policy.compile=default", "takes no compile"),
+        (f"policy.sha256={'0' * 64}", "takes no sha256"),  # the scripted expert has no weights to check
         ("abort_after_errors=-1", "abort_after_errors"),
         ("seed=-1", "seed must be in 0..4294967295"),
         ("quant.w_bits=9", "w_bits"),

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from policies.base import ACTION_DIM, ObservationBatch, ObsMode, Policy, file_sha256, resolve_device
+from policies.checkpoints import check_sha256, expected_sha256
 from policies.embedded.model import EmbeddedVLA, load_weights
 from policies.embedded.text import InstructionEncoder
 from policies.noise import episode_noise
@@ -28,11 +29,18 @@ class EmbeddedPolicy(Policy):
     obs_mode = ObsMode.STATE
     chunk_size = 10
 
-    def __init__(self, weights: str | Path | None = None, *, device: str = "cpu"):
+    def __init__(self, weights: str | Path | None = None, *, device: str = "cpu", sha256: str | None = None):
+        """``sha256``, when given, must be the weights file's; the ``weights_sha256`` of a ``recipe.json`` beside
+        the file (the shipped weights have one, as has every ``train_embedded_policy.py --out``) is checked too."""
         self._path = Path(weights) if weights is not None else DEFAULT_WEIGHTS
         if self._path.is_dir():  # what train_embedded_policy.py --out wrote
             self._path = self._path / DEFAULT_WEIGHTS.name
         self._model: EmbeddedVLA = load_weights(self._path).to(device)
+        recipe_path = self._path.with_name("recipe.json")
+        self._recipe: dict | None = json.loads(recipe_path.read_text()) if recipe_path.is_file() else None
+        self._sha256 = file_sha256(self._path)
+        check_sha256(str(self._path), self._sha256, (self._recipe or {}).get("weights_sha256"), str(recipe_path))
+        check_sha256(str(self._path), self._sha256, sha256)
         if self._model.config.horizon != self.chunk_size:
             horizon = self._model.config.horizon
             raise ValueError(f"{self._path} predicts {horizon} actions per chunk, not {self.chunk_size}")
@@ -40,8 +48,8 @@ class EmbeddedPolicy(Policy):
         self._encoder = InstructionEncoder()
 
     @classmethod
-    def from_config(cls, path: str | None = None, device: str = "auto") -> "EmbeddedPolicy":
-        return cls(path, device=resolve_device(device))
+    def from_config(cls, path: str | None = None, device: str = "auto", sha256: str | None = None) -> EmbeddedPolicy:
+        return cls(path, device=resolve_device(device), sha256=expected_sha256(sha256))
 
     def predict(self, batch: ObservationBatch) -> np.ndarray:
         if batch.object_poses is None:
@@ -68,7 +76,6 @@ class EmbeddedPolicy(Policy):
 
     def describe(self) -> dict:
         c = self._model.config
-        recipe_path = self._path.with_name("recipe.json")
         return {
             "params": sum(p.numel() for p in self._model.parameters()),
             "backbone": {"width": c.width, "mlp_dim": c.mlp_dim, "depth": c.depth},
@@ -77,6 +84,6 @@ class EmbeddedPolicy(Policy):
             "horizon": c.horizon,
             "denoising_steps": c.num_steps,
             "text_encoder": "all-MiniLM-L6-v2",
-            "weights_sha256": file_sha256(self._path),
-            "recipe": json.loads(recipe_path.read_text()) if recipe_path.is_file() else None,
+            "weights_sha256": self._sha256,
+            "recipe": self._recipe,
         }
