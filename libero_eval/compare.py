@@ -49,10 +49,9 @@ class ErroredEpisodes(ValueError):
 
 
 def label(doc: dict) -> str:
+    """Policy and the quant tag the run recorded (``QuantConfig.tag()``), e.g. ``embedded duquant_w4a8``."""
     quant = doc.get("quant") or {}
-    mode = quant.get("mode", "fp")
-    bits = f" w{quant['w_bits']}a{quant['a_bits']}" if mode != "fp" and "w_bits" in quant else ""
-    return f"{doc['policy']['name']} {mode}{bits}"
+    return f"{doc['policy']['name']} {quant.get('tag', quant.get('mode', 'fp'))}"
 
 
 def labels(docs: list[dict]) -> list[str]:

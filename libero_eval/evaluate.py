@@ -91,7 +91,7 @@ class Evaluation:
             "config": self.resolved_config,
             "policy": {"name": self.policy.name, "checkpoint": checkpoint,
                        "weights_sha256": recorded_weights_sha256(checkpoint, described), **described},  # fmt: skip
-            "quant": {"mode": self.cfg.quant.mode},
+            "quant": {"mode": self.cfg.quant.mode, "tag": self.cfg.quant.tag()},
             "protocol": self.protocol_record(),
         }
 

@@ -56,7 +56,8 @@ class Recorder:
         if self.calibrator is None:
             return None
         calibration = {**self.calibrator.calibration_record(), "batching": "one episode at a time, as with num_envs=1"}
-        return {"mode": self.calibrator.cfg.mode, **(self.calibrator.report or {}), "calibration": calibration}
+        cfg = self.calibrator.cfg
+        return {"mode": cfg.mode, "tag": cfg.tag(), **(self.calibrator.report or {}), "calibration": calibration}
 
     def _save_video(self, record: dict, frames: list[np.ndarray]) -> Path:
         json_path = self.results.json_path
