@@ -313,8 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(),
         "versions": versions(),
         "preset": args.preset,
-        "settings": list(args.settings),
-        "config": dataclasses.replace(cfg, calib_steps=len(calib_batches)).to_dict(),  # calib_max_tokens, seed: per row
+        "settings": {o.key_or_group: o.value() for o in OverridesParser.create().parse_overrides(args.settings)},
+        "config": dataclasses.asdict(dataclasses.replace(cfg, calib_steps=len(calib_batches))),  # calib_max_tokens, seed: per row
         "weights_sha256": fp.describe()["weights_sha256"],
         "suite": SUITE,
         "run_seed": SEED,
