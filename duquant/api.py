@@ -43,7 +43,8 @@ def quantize_(
             skipped.append(name)
             continue
         if not cfg.dry_run:
-            stats = ActivationStats(cfg.calib_max_tokens, derive_seed(cfg.seed, name, "sample"))
+            seed = derive_seed(cfg.seed, name, "sample")
+            stats = ActivationStats(cfg.calib_max_tokens, seed, hessian=cfg.w_quantizer == "gptq")
             quantized = DuQuantLinear(linear, cfg.mode, bits, stats)
             _replace(model, linear, quantized)
             linear = quantized
