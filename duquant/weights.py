@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from .config import LayerBits
-from .quantizer import fake_quant, quantize_to_grid, row_grid
+from .quantizer import fake_quant, qrange, row_grid
 
 # Clip ratios the MSE search tries besides the fixed one (which it keeps on ties).
 MSE_CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
@@ -58,36 +58,51 @@ def mse_clip(w: torch.Tensor, bits: LayerBits) -> torch.Tensor:
 def gptq(
     w: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor], bits: LayerBits
 ) -> torch.Tensor:
-    """GPTQ rounding of ``w`` [C_out, C] onto the fixed grid (``scale``, ``zero``: [C_out, 1]), in float64.
+    """GPTQ rounding of ``w`` [C_out, C] onto the fixed grid (``scale``, ``zero``: [C_out, 1]).
 
     Channels that never fired (zero Hessian diagonal) get weight 0, since any
     value there gives the same output, and diagonal 1 so H stays invertible;
     the damping ``bits.gptq_damp`` x mean diagonal keeps the Cholesky stable
-    when inputs are nearly collinear. Within each block of
-    :data:`GPTQ_BLOCK` columns errors are propagated column by column; to
-    the later columns in one matmul per block.
+    when inputs are nearly collinear. The Hessian algebra runs in float64,
+    the column loop in float32 (as the reference implementation) on the
+    transposed weight, so each column is a contiguous row: within a block of
+    :data:`GPTQ_BLOCK` columns each error updates the block's later columns,
+    then the block's errors update all later columns in one matmul. A
+    column keeps its error-corrected value until the block ends, so the
+    whole block is rounded in one call then.
     """
-    w = w.double().clone()
     h = hessian.double().clone()
     dead = torch.diagonal(h) == 0
     h.diagonal()[dead] = 1.0
-    w[:, dead] = 0.0
-    columns = w.shape[1]
     h.diagonal().add_(bits.gptq_damp * torch.diagonal(h).mean())
-    # Upper Cholesky factor of H^-1: row i holds the error-feedback weights of column i onto columns > i.
-    inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    scale, zero = scale.double(), None if zero is None else zero.double()
-    out = torch.empty_like(w)
-    for start in range(0, columns, GPTQ_BLOCK):
-        end = min(start + GPTQ_BLOCK, columns)
-        block = w[:, start:end]
-        errors = torch.empty_like(block)
-        for i in range(end - start):
-            column = block[:, i : i + 1]
-            rounded = quantize_to_grid(column, scale, zero, bits.w_bits, bits.w_sym)
-            out[:, start + i] = rounded[:, 0]
-            error = (column - rounded) / inverse[start + i, start + i]
-            block[:, i:] -= error @ inverse[start + i : start + i + 1, start + i : end]
-            errors[:, i : i + 1] = error
-        w[:, end:] -= errors @ inverse[start:end, end:]
-    return out
+    inverse = _inverse_cholesky(h).float()
+    columns = w.T.float().contiguous()  # [C, C_out]
+    columns[dead] = 0.0
+    qmin, qmax = qrange(bits.w_bits, bits.w_sym)
+    scale = scale.float().reshape(-1)
+    zero = torch.zeros_like(scale) if zero is None else zero.float().reshape(-1)
+
+    def rounded(x: torch.Tensor) -> torch.Tensor:
+        return torch.fake_quantize_per_channel_affine(x, scale, zero, x.dim() - 1, qmin, qmax)
+
+    for start in range(0, columns.shape[0], GPTQ_BLOCK):
+        end = min(start + GPTQ_BLOCK, columns.shape[0])
+        block, feedback = columns[start:end], inverse[start:end, start:end]
+        for i in range(end - start - 1):
+            error = (block[i] - rounded(block[i])).div_(feedback[i, i])
+            block[i + 1 :].addr_(feedback[i, i + 1 :], error, alpha=-1.0)
+        errors = (block - rounded(block)).div_(feedback.diagonal()[:, None])
+        columns[end:] -= inverse[start:end, end:].T @ errors
+        block.copy_(rounded(block))
+    return columns.T.to(w.dtype)
+
+
+def _inverse_cholesky(h: torch.Tensor) -> torch.Tensor:
+    """The upper Cholesky factor U of H^-1 (H^-1 = U^T U); row i holds column i's error feedback onto columns > i.
+
+    With J the reversal, J H J = L L^T gives H^-1 = (J L^-1 J)^T (J L^-1 J) and J L^-1 J is
+    upper triangular: one Cholesky and one triangular inverse instead of forming H^-1 and factoring it.
+    """
+    flipped = torch.linalg.cholesky(h.flip(0, 1))
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    return torch.linalg.solve_triangular(flipped, eye, upper=False).flip(0, 1)
