@@ -78,6 +78,8 @@ class QuantConfig:
     block_size: int = 128
     rotation: str = "greedy"
     rotation_steps: int = 256
+    # Stop the greedy search once this many steps in a row found no lower peak (0: run all rotation_steps).
+    rotation_patience: int = 0
     per_block_rotation: bool = False
     permute: str = "zigzag"
     smooth_alpha: float = 0.6
@@ -115,6 +117,7 @@ class QuantConfig:
         _check_bits("quant.a_bits", self.a_bits, A_BITS)
         self._check_int("block_size", 2)
         self._check_int("rotation_steps", 0)
+        self._check_int("rotation_patience", 0)
         self._check_int("calib_steps", 1)
         self._check_int("calib_max_tokens", 1)
         self._check_int("seed", 0)

@@ -144,7 +144,7 @@ def fit_rotation(x: torch.Tensor, block: int, cfg: QuantConfig, stage: str) -> t
         groups = x.reshape(1, -1, block)
     if cfg.rotation == "svd":
         return svd_rotation(groups)
-    return greedy_rotation(groups, cfg.rotation_steps, derive_seed(cfg.seed, "greedy", stage))
+    return greedy_rotation(groups, cfg.rotation_steps, derive_seed(cfg.seed, "greedy", stage), cfg.rotation_patience)
 
 
 def fit_transform(
