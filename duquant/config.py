@@ -79,7 +79,7 @@ class QuantConfig:
     rotation: str = "greedy"
     rotation_steps: int = 256
     # Stop the greedy search once this many steps in a row found no lower peak (0: run all rotation_steps).
-    rotation_patience: int = 0
+    rotation_patience: int = 16
     per_block_rotation: bool = False
     permute: str = "zigzag"
     smooth_alpha: float = 0.6

@@ -76,7 +76,7 @@ class Transform:
         return w / self.smooth.to(w.dtype) if self.smooth is not None else w
 
     def hessian(self, h: torch.Tensor) -> torch.Tensor:
-        """H [C, C] of the inputs -> T^T H T [C_pad, C_pad], the Hessian of x' = x T (pass float64)."""
+        """H [C, C] of the inputs -> T^T H T [C_pad, C_pad], the Hessian of x' = x T."""
         return self.activations(self.activations(h).T)
 
     def quantize_weight(
@@ -92,7 +92,7 @@ class Transform:
         w = self.weight(w.double())
         if bits.w_bits >= 16:
             return w
-        h = None if hessian is None else self.hessian(hessian.double())
+        h = None if hessian is None else self.hessian(hessian.float())  # as accumulated; GPTQ factors it in float64
         if self.row_rotation is None:
             return quantize_weight(w, bits, h)
         rows = w.shape[0]
