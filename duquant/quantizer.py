@@ -34,8 +34,10 @@ def fake_quant(x: torch.Tensor, bits: int, sym: bool, clip: float | torch.Tensor
     tensor gives each row its own clip ([rows, 1]).
     """
     h = _upcast(x)
+    qmin, qmax = qrange(bits, sym)
     scale, zero = row_grid(h, bits, sym, clip)
-    return quantize_to_grid(h, scale, zero, bits, sym).to(x.dtype)
+    codes = h / scale if zero is None else torch.addcdiv(zero, h, scale)
+    return _dequantize(codes, zero, scale, qmin, qmax).to(x.dtype)
 
 
 def row_grid(
@@ -52,15 +54,6 @@ def row_grid(
     hi, lo = hi.clamp(min=0) * clip, lo.clamp(max=0) * clip
     scale = ((hi - lo) / qmax).clamp(min=_EPS)
     return scale, torch.round(-lo / scale)
-
-
-def quantize_to_grid(
-    h: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor], bits: int, sym: bool
-) -> torch.Tensor:
-    """Round ``h`` to the grid ``(scale, zero)`` of :func:`row_grid` and map back (``h`` is not modified)."""
-    qmin, qmax = qrange(bits, sym)
-    codes = h / scale if zero is None else torch.addcdiv(zero, h, scale)
-    return _dequantize(codes, zero, scale, qmin, qmax)
 
 
 def fake_quant_static(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:

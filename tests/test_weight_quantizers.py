@@ -1,4 +1,5 @@
-"""Weight quantizers (minmax, mse, gptq): their objectives, the Hessian they use and how they are keyed."""
+"""Weight quantizers (minmax, mse, gptq): their objectives, the Hessian they use and how they are keyed;
+and the greedy rotation's early stop, which pays for GPTQ's calibration time."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torch import nn
 
 from duquant import LayerSelection, QuantConfig, quantize_
 from duquant.quantizer import fake_quant, row_grid
+from duquant.rotation import greedy_rotation, spread_steps
 from duquant.stats import ActivationStats
 from duquant.transform import fit_transform
 from duquant.weights import mse_clip, quantize_weight
@@ -145,3 +147,29 @@ def test_changed_w_quantizer_never_reuses_a_pack(tmp_path):
 def test_invalid_weight_quantizer_settings_raise_one_clear_sentence(values, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         QuantConfig(**values)
+
+
+def test_rotation_patience_returns_a_prefix_of_the_full_search_and_all_of_it_when_patient():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 32, dtype=torch.float64, generator=g)
+    x[:, 5] *= 40.0
+    x[7, 20] = -300.0
+    full = greedy_rotation(x[None].float(), 64, seed=3)
+    assert torch.equal(greedy_rotation(x[None].float(), 64, seed=3, patience=64), full)
+    early = greedy_rotation(x[None].float(), 64, seed=3, patience=2)
+    spreads, data = spread_steps(32, 64, 3), x.clone()
+    total = torch.eye(32, dtype=torch.float64)
+    prefixes = [total]
+    for spread in spreads:  # the full search's step products, one per prefix length
+        channel = int(data.abs().argmax()) % 32
+        swap = list(range(32))
+        swap[0], swap[channel] = channel, 0
+        data, total = data @ spread[swap][:, swap], total @ spread[swap][:, swap]
+        prefixes.append(total)
+    assert not torch.equal(early, full)  # it did stop early here
+    assert any(torch.allclose(early[0], p, rtol=0, atol=1e-9) for p in prefixes)
+
+    def peak(r: torch.Tensor) -> float:
+        return (x @ r[0]).abs().max().item()
+
+    assert peak(full) <= peak(early) < 0.5 * x.abs().max().item()
