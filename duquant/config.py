@@ -52,8 +52,8 @@ class LayerBits:
     w_clip: float
     a_sym: bool
     a_clip: float
-    w_quantizer: str = "minmax"
-    gptq_damp: float = 0.01
+    w_quantizer: str
+    gptq_damp: float
 
     @property
     def is_fp(self) -> bool:

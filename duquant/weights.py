@@ -12,8 +12,8 @@ They differ in where the grid sits and how values are rounded onto it:
   rounding error is pushed onto the columns not rounded yet through the
   inverse Hessian H = X^T X of the layer's calibration inputs (Frantar et al.,
   ICLR 2023). It minimises the error of the layer's *output* on those inputs
-  rather than of the weight, which is what matters, and is what makes 4-bit
-  weights close to 8-bit ones on correlated inputs.
+  rather than of the weight, which is what matters when inputs are correlated
+  (docs/fidelity.md measures it on MiniLM).
 """
 
 from __future__ import annotations
