@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from duquant import DuQuantLinear, LayerSelection, QuantConfig, quantize_
+from duquant import LayerSelection, QuantConfig, quantize_
 from duquant.report import sqnr_db
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,52 +53,80 @@ BATCH = 16
 # Sentence templates: (template, slot values); every combination is a sentence.
 TEMPLATES: dict[str, list[tuple[str, dict[str, list[str]]]]] = {
     "everyday": [
-        ("{who} {went} to the {place} {when} to buy some {thing}.", {
-            "who": ["My sister", "The neighbours", "We", "Our teacher", "An old friend"],
-            "went": ["walked", "drove", "cycled"],
-            "place": ["market", "bakery", "pharmacy", "hardware store"],
-            "when": ["this morning", "after lunch", "on Sunday"],
-            "thing": ["bread", "apples", "batteries", "flowers"]}),
-        ("Could you {ask} the {item} before the {event}?", {
-            "ask": ["please bring", "remember to pack", "quickly check", "find"],
-            "item": ["umbrella", "tickets", "birthday cake", "spare keys", "phone charger"],
-            "event": ["guests arrive", "train leaves", "meeting starts", "rain gets worse"]}),
+        (
+            "{who} {went} to the {place} {when} to buy some {thing}.",
+            {
+                "who": ["My sister", "The neighbours", "We", "Our teacher", "An old friend"],
+                "went": ["walked", "drove", "cycled"],
+                "place": ["market", "bakery", "pharmacy", "hardware store"],
+                "when": ["this morning", "after lunch", "on Sunday"],
+                "thing": ["bread", "apples", "batteries", "flowers"],
+            },
+        ),
+        (
+            "Could you {ask} the {item} before the {event}?",
+            {
+                "ask": ["please bring", "remember to pack", "quickly check", "find"],
+                "item": ["umbrella", "tickets", "birthday cake", "spare keys", "phone charger"],
+                "event": ["guests arrive", "train leaves", "meeting starts", "rain gets worse"],
+            },
+        ),
     ],
     "technical": [
-        ("The {part} {verb} when the {cause}, so the {fix}.", {
-            "part": ["database", "compiler", "GPU kernel", "network driver", "cache layer"],
-            "verb": ["crashes", "slows down", "returns stale data", "leaks memory"],
-            "cause": ["queue overflows", "config is reloaded", "input is empty", "clock drifts"],
-            "fix": ["patch adds a lock", "service restarts nightly", "team pinned the version"]}),
-        ("Gradient {thing} in the {model} was fixed by {method}.", {
-            "thing": ["explosion", "noise", "vanishing", "clipping"],
-            "model": ["transformer encoder", "diffusion policy", "recurrent network", "vision backbone"],
-            "method": ["layer normalisation", "a smaller learning rate", "mixed precision", "warmup"]}),
+        (
+            "The {part} {verb} when the {cause}, so the {fix}.",
+            {
+                "part": ["database", "compiler", "GPU kernel", "network driver", "cache layer"],
+                "verb": ["crashes", "slows down", "returns stale data", "leaks memory"],
+                "cause": ["queue overflows", "config is reloaded", "input is empty", "clock drifts"],
+                "fix": ["patch adds a lock", "service restarts nightly", "team pinned the version"],
+            },
+        ),
+        (
+            "Gradient {thing} in the {model} was fixed by {method}.",
+            {
+                "thing": ["explosion", "noise", "vanishing", "clipping"],
+                "model": ["transformer encoder", "diffusion policy", "recurrent network", "vision backbone"],
+                "method": ["layer normalisation", "a smaller learning rate", "mixed precision", "warmup"],
+            },
+        ),
     ],
     "numbers": [
-        ("{n1} {unit} cost {price} dollars in {year}, {change} from the year before.", {
-            "n1": ["Three", "Twelve", "42", "1,500", "0.5"],
-            "unit": ["kilograms of rice", "litres of fuel", "shares", "tickets"],
-            "price": ["7.99", "120", "3,450", "19"],
-            "year": ["1998", "2011", "2023"],
-            "change": ["up 4%", "down 12 percent", "unchanged"]}),
-        ("Set the timer to {t} minutes and the oven to {deg} degrees for {n} trays.", {
-            "t": ["5", "12", "45", "90"],
-            "deg": ["180", "220", "350", "90"],
-            "n": ["two", "3", "eleven", "20"]}),
+        (
+            "{n1} {unit} cost {price} dollars in {year}, {change} from the year before.",
+            {
+                "n1": ["Three", "Twelve", "42", "1,500", "0.5"],
+                "unit": ["kilograms of rice", "litres of fuel", "shares", "tickets"],
+                "price": ["7.99", "120", "3,450", "19"],
+                "year": ["1998", "2011", "2023"],
+                "change": ["up 4%", "down 12 percent", "unchanged"],
+            },
+        ),
+        (
+            "Set the timer to {t} minutes and the oven to {deg} degrees for {n} trays.",
+            {"t": ["5", "12", "45", "90"], "deg": ["180", "220", "350", "90"], "n": ["two", "3", "eleven", "20"]},
+        ),
     ],
     "robot": [
-        ("{verb} the {color} {obj} {prep} the {target}.", {
-            "verb": ["Pick up", "Push", "Move", "Place", "Grasp"],
-            "color": ["red", "black", "white", "wooden", "ketchup"],
-            "obj": ["bowl", "mug", "plate", "cream cheese box", "alphabet soup can"],
-            "prep": ["onto", "next to", "into", "behind"],
-            "target": ["stove", "cabinet", "basket", "tray", "cookie box"]}),
-        ("{open} the {drawer} and put the {obj} inside, then {end}.", {
-            "open": ["Open", "Pull out", "Slide open"],
-            "drawer": ["top drawer", "middle drawer", "microwave", "cabinet door"],
-            "obj": ["bowl", "butter", "orange juice", "tomato sauce"],
-            "end": ["close it", "turn on the stove", "return to the start", "wait"]}),
+        (
+            "{verb} the {color} {obj} {prep} the {target}.",
+            {
+                "verb": ["Pick up", "Push", "Move", "Place", "Grasp"],
+                "color": ["red", "black", "white", "wooden", "ketchup"],
+                "obj": ["bowl", "mug", "plate", "cream cheese box", "alphabet soup can"],
+                "prep": ["onto", "next to", "into", "behind"],
+                "target": ["stove", "cabinet", "basket", "tray", "cookie box"],
+            },
+        ),
+        (
+            "{open} the {drawer} and put the {obj} inside, then {end}.",
+            {
+                "open": ["Open", "Pull out", "Slide open"],
+                "drawer": ["top drawer", "middle drawer", "microwave", "cabinet door"],
+                "obj": ["bowl", "butter", "orange juice", "tomato sauce"],
+                "end": ["close it", "turn on the stove", "return to the start", "wait"],
+            },
+        ),
     ],
 }
 
@@ -119,12 +147,14 @@ def sentences(per_category: int, calib_fraction: float, seed: int = 0) -> tuple[
     """(calibration, evaluation): disjoint, each with the same share of every category."""
     rng = random.Random(seed)
     calib, evaluation = [], []
-    for category, templates in TEMPLATES.items():
-        pool = sorted({
-            template.format(**dict(zip(slots, values)))
-            for template, slots in templates
-            for values in itertools.product(*slots.values())
-        })
+    for templates in TEMPLATES.values():
+        pool = sorted(
+            {
+                template.format(**dict(zip(slots, values, strict=True)))
+                for template, slots in templates
+                for values in itertools.product(*slots.values())
+            }
+        )
         picked = rng.sample(pool, per_category)
         cut = round(per_category * calib_fraction)
         calib += picked[:cut]
@@ -224,8 +254,10 @@ def score(outputs: tuple[torch.Tensor, torch.Tensor], reference: tuple[torch.Ten
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| method | bits | w_quantizer | patience | cos mean | cos p5 | cos min | layer SQNR mean / min dB "
-        "| last hidden SQNR dB | calib s (CPU s) |",
+        (
+            "| method | bits | w_quantizer | patience | cos mean | cos p5 | cos min | layer SQNR mean / min dB "
+            "| last hidden SQNR dB | calib s (CPU s) |"
+        ),
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -247,23 +279,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--patience", nargs="+", type=int, default=None,
         help="instead of the grid: DuQuant at these quant.rotation_patience values (0 = all rotation_steps)",
     )  # fmt: skip
-    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="other QuantConfig fields (int/float/str)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "bench" / "fidelity_cpu.json")
     return p.parse_args(argv)
 
 
-def _value(text: str) -> Any:
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text.lower(), text)
-
-
 def configs(args: argparse.Namespace, setting: Setting) -> list[QuantConfig]:
-    extra = {k: _value(v) for k, v in (item.split("=", 1) for item in args.set)}
     bits = args.bits or setting.bits
     quantizers = args.quantizers or setting.quantizers
     if args.patience is not None:
@@ -273,7 +294,7 @@ def configs(args: argparse.Namespace, setting: Setting) -> list[QuantConfig]:
     out = []
     for method, tag, quantizer, patience in grid:
         w_bits, a_bits = BITS[tag]
-        values = dict(mode=method, w_bits=w_bits, a_bits=a_bits, w_quantizer=quantizer, **extra)
+        values = dict(mode=method, w_bits=w_bits, a_bits=a_bits, w_quantizer=quantizer)
         if patience is not None:
             values["rotation_patience"] = patience
         out.append(QuantConfig(**values))
@@ -304,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         "calibration": "one sentence per forward call",
         "threads": args.threads,
         "torch": torch.__version__,
-        "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPUs".strip(),
+        "machine": " ".join(filter(None, [platform.machine(), platform.processor(), f"{os.cpu_count()} CPUs"])),
         "base_config": QuantConfig().to_dict(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
