@@ -42,7 +42,8 @@ def quantize_(
         if bits.is_fp:
             skipped.append(name)
             continue
-        stats = ActivationStats(cfg.calib_max_tokens, derive_seed(cfg.seed, name, "sample"))
+        seed = derive_seed(cfg.seed, name, "sample")
+        stats = ActivationStats(cfg.calib_max_tokens, seed, hessian=cfg.w_quantizer == "gptq")
         quantized = DuQuantLinear(linear, cfg.mode, bits, stats)
         _replace(model, linear, quantized)
         layers.append((name, quantized))

@@ -39,8 +39,9 @@ class Calibration:
 
     @property
     def needs_inputs(self) -> bool:
-        """Whether fitting needs activations (anything beyond plain RTN with dynamic scales)."""
-        return self.cfg.smooths or self.cfg.rotates or self.cfg.act_scales == "static"
+        """Whether fitting needs activations (anything beyond plain RTN with dynamic scales and no GPTQ)."""
+        cfg = self.cfg
+        return cfg.smooths or cfg.rotates or cfg.act_scales == "static" or cfg.w_quantizer == "gptq"
 
     def finish(self) -> QuantReport:
         """Fit (or load) every transform, quantize every weight once and switch layers to QUANTIZED."""

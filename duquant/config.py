@@ -17,6 +17,7 @@ ROTATIONS = ("greedy", "svd", "hadamard", "none")
 PERMUTES = ("zigzag", "none")
 ACT_SCALES = ("dynamic", "static")
 ROW_ROTATIONS = ("none", "restore")
+W_QUANTIZERS = ("minmax", "mse", "gptq")
 W_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
 A_BITS = (4, 8, 16)
 OFF = 16  # a bit width of 16 means "leave this tensor in floating point"
@@ -51,6 +52,8 @@ class LayerBits:
     w_clip: float
     a_sym: bool
     a_clip: float
+    w_quantizer: str
+    gptq_damp: float
 
     @property
     def is_fp(self) -> bool:
@@ -75,6 +78,8 @@ class QuantConfig:
     block_size: int = 128
     rotation: str = "greedy"
     rotation_steps: int = 256
+    # Stop the greedy search once this many steps in a row found no lower peak (0: run all rotation_steps).
+    rotation_patience: int = 16
     per_block_rotation: bool = False
     permute: str = "zigzag"
     smooth_alpha: float = 0.6
@@ -85,6 +90,10 @@ class QuantConfig:
     act_scales: str = "dynamic"
     act_percentile: float = 99.9
     row_rotation: str = "none"
+    # How weights are rounded to their per-output-channel grid, in every mode: see duquant/weights.py.
+    w_quantizer: str = "minmax"
+    # GPTQ's Hessian damping, as a fraction of the mean diagonal.
+    gptq_damp: float = 0.01
     # Input rows sampled per layer for fitting the rotations; the greedy search costs rows x steps x b^2.
     calib_max_tokens: int = 512
     seed: int = 0
@@ -100,10 +109,12 @@ class QuantConfig:
         self._check_choice("permute", PERMUTES)
         self._check_choice("act_scales", ACT_SCALES)
         self._check_choice("row_rotation", ROW_ROTATIONS)
+        self._check_choice("w_quantizer", W_QUANTIZERS)
         _check_bits("w_bits", self.w_bits, W_BITS)
         _check_bits("a_bits", self.a_bits, A_BITS)
         self._check_int("block_size", 2)
         self._check_int("rotation_steps", 0)
+        self._check_int("rotation_patience", 0)
         self._check_int("calib_max_tokens", 1)
         self._check_int("seed", 0)
         if self.rotation == "hadamard" and self.block_size & (self.block_size - 1):
@@ -114,6 +125,8 @@ class QuantConfig:
             value = getattr(self, name)
             if value is not None and not 0.0 < value <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1] or null (bit-width default), got {value}")
+        if not 0.0 < self.gptq_damp <= 1.0:
+            raise ValueError(f"gptq_damp must be in (0, 1], got {self.gptq_damp}")
         if not 0.0 < self.act_percentile <= 100.0:
             raise ValueError(f"act_percentile must be in (0, 100], got {self.act_percentile}")
         for name in ("include", "exclude"):
@@ -172,6 +185,8 @@ class QuantConfig:
             w_clip=self.w_clip if self.w_clip is not None else (0.8 if w_bits <= 4 else 1.0),
             a_sym=self.a_sym,
             a_clip=self.a_clip if self.a_clip is not None else (0.9 if a_bits <= 4 else 1.0),
+            w_quantizer=self.w_quantizer,
+            gptq_damp=self.gptq_damp,
         )
 
     @property

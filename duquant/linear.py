@@ -65,7 +65,7 @@ class DuQuantLinear(nn.Module):
         t = transform
         self.block_size = t.block
         dtype = self.weight.dtype
-        weight = t.quantize_weight(self.weight, self.bits)
+        weight = t.quantize_weight(self.weight, self.bits, None if self.stats is None else self.stats.hessian)
         if self.bits.a_bits >= 16:
             self.weight = t.unweight(weight).to(dtype)
         else:

@@ -26,23 +26,34 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def fake_quant(x: torch.Tensor, bits: int, sym: bool, clip: float = 1.0) -> torch.Tensor:
+def fake_quant(x: torch.Tensor, bits: int, sym: bool, clip: float | torch.Tensor = 1.0) -> torch.Tensor:
     """Quantize-dequantize with one scale per row (per token, or per output channel of a weight).
 
     ``clip`` shrinks the range before the scale is chosen, trading clipping
-    error on the few largest values for resolution on all the others. The
-    asymmetric range always contains zero so the zero point is a valid code.
+    error on the few largest values for resolution on all the others; a
+    tensor gives each row its own clip ([rows, 1]).
     """
     h = _upcast(x)
     qmin, qmax = qrange(bits, sym)
+    scale, zero = row_grid(h, bits, sym, clip)
+    codes = h / scale if zero is None else torch.addcdiv(zero, h, scale)
+    return _dequantize(codes, zero, scale, qmin, qmax).to(x.dtype)
+
+
+def row_grid(
+    h: torch.Tensor, bits: int, sym: bool, clip: float | torch.Tensor = 1.0
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The per-row grid of :func:`fake_quant`: scale [rows, 1] and, when asymmetric, zero point [rows, 1].
+
+    The asymmetric range always contains zero so the zero point is a valid code.
+    """
+    _, qmax = qrange(bits, sym)
     hi, lo = h.amax(-1, keepdim=True), h.amin(-1, keepdim=True)
     if sym:
-        scale = (torch.maximum(hi, -lo) * (clip / qmax)).clamp(min=_EPS)
-        return _dequantize(h / scale, None, scale, qmin, qmax).to(x.dtype)
+        return (torch.maximum(hi, -lo) * (clip / qmax)).clamp(min=_EPS), None
     hi, lo = hi.clamp(min=0) * clip, lo.clamp(max=0) * clip
     scale = ((hi - lo) / qmax).clamp(min=_EPS)
-    zero = torch.round(-lo / scale)
-    return _dequantize(torch.addcdiv(zero, h, scale), zero, scale, qmin, qmax).to(x.dtype)
+    return scale, torch.round(-lo / scale)
 
 
 def fake_quant_static(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:

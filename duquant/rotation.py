@@ -84,24 +84,31 @@ def _rows_that_can_peak(x: torch.Tensor) -> torch.Tensor:
 
 def _swap_to_front(matrix: torch.Tensor, channels: torch.Tensor) -> torch.Tensor:
     """P_c M P_c for each channel c, with P_c the transposition of 0 and c: [b, b] -> [G, b, b]."""
-    index = torch.arange(matrix.shape[-1], device=channels.device)
-    c = channels[:, None]
-    order = torch.where(index == c, 0, torch.where(index == 0, c, index))
-    return matrix[order[:, :, None], order[:, None, :]]
+    b = matrix.shape[-1]
+    order = torch.arange(b, device=channels.device).repeat(channels.shape[0], 1)
+    order[:, 0] = channels
+    order.scatter_(1, channels[:, None], 0)
+    rows = matrix[order]
+    return rows.gather(2, order[:, None, :].expand_as(rows))
 
 
-def greedy_rotation(x: torch.Tensor, steps: int, seed: int) -> torch.Tensor:
+def greedy_rotation(x: torch.Tensor, steps: int, seed: int, patience: int = 0) -> torch.Tensor:
     """DuQuant's greedy rotation for the rows of ``x`` ([G, R, b] -> [G, b, b], float64).
 
     Each step finds the largest |activation|, takes the channel it sits in and
     rotates with P_c U diag(1, Q') P_c: U spreads channel c over the block and
     the random orthogonal Q' keeps successive steps from cycling. The product
     of the prefix of steps with the smallest peak is returned, which may be
-    the identity when no step helps.
+    the identity when no step helps. With ``patience`` > 0 the search stops
+    once that many steps in a row lowered no group's peak: after the first
+    few steps have spread the real outliers, later ones are a random walk
+    whose rare new minima are only slightly lower.
 
     Rows with a norm below max_norm / sqrt(b) are dropped first: rotations
     keep norms, and the largest row always has an entry of at least
-    max_norm / sqrt(b), so such rows can never hold the peak.
+    max_norm / sqrt(b), so such rows can never hold the peak. The search runs
+    in float32 and only remembers each step's channel; the float64 product of
+    the best prefix is built once at the end.
     """
     groups, _, b = x.shape
     eye = torch.eye(b, dtype=torch.float64, device=x.device).expand(groups, b, b)
@@ -109,17 +116,25 @@ def greedy_rotation(x: torch.Tensor, steps: int, seed: int) -> torch.Tensor:
         return eye.clone()
     spreads = spread_steps(b, steps, seed, x.device)
     current = _rows_that_can_peak(x.float())
-    total = eye.clone()
-    best = eye.clone()
     best_peak, channel = _peak(current)
-    for spread in spreads:
-        step = _swap_to_front(spread, channel)
-        current = current @ step.float()
-        total = total @ step
+    best_length = torch.zeros(groups, dtype=torch.long, device=x.device)
+    channels = []
+    stale = 0
+    for t, spread in enumerate(spreads.float()):
+        channels.append(channel)
+        current = current @ _swap_to_front(spread, channel)
         peak, channel = _peak(current)
         better = peak < best_peak
-        best = torch.where(better[:, None, None], total, best)
+        best_length = torch.where(better, t + 1, best_length)
         best_peak = torch.minimum(peak, best_peak)
+        if patience:
+            stale = 0 if bool(better.any()) else stale + 1
+            if stale >= patience:
+                break
+    total, best = eye.clone(), eye.clone()
+    for t in range(int(best_length.max())):
+        total = total @ _swap_to_front(spreads[t], channels[t])
+        best = torch.where((best_length == t + 1)[:, None, None], total, best)
     return best
 
 

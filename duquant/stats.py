@@ -5,7 +5,8 @@ rows of all calls (so a late outlier still moves the smoothing scales), and a
 reservoir keeps a uniform sample of at most ``capacity`` rows for the steps
 that need actual rows (rotations, permutation, static scales, the report).
 The reservoir draws from its own seeded generator, so the sample depends only
-on the seed and the stream of inputs this layer saw.
+on the seed and the stream of inputs this layer saw. For GPTQ the sum
+X^T X over every row is kept too (C^2 float32, whatever the row count).
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import torch
 
 
 class ActivationStats:
-    """Running channel max and a seeded reservoir sample of the input rows of one layer."""
+    """Running channel max, a seeded reservoir sample of the input rows and optionally X^T X of one layer."""
 
-    def __init__(self, capacity: int, seed: int):
+    def __init__(self, capacity: int, seed: int, hessian: bool = False):
         self.capacity = capacity
         self.generator = torch.Generator().manual_seed(seed)
         self.channel_max: Optional[torch.Tensor] = None
+        self.keeps_hessian = hessian
+        self.hessian: Optional[torch.Tensor] = None  # sum of x^T x over all rows [C, C], float32
         self._rows: Optional[torch.Tensor] = None
         self.rows_seen = 0
         self.calls = 0
@@ -41,6 +44,10 @@ class ActivationStats:
                 return
             batch_max = rows.abs().amax(0).float()
             self.channel_max = batch_max if self.channel_max is None else torch.maximum(self.channel_max, batch_max)
+            if self.keeps_hessian:
+                if self.hessian is None:
+                    self.hessian = rows.new_zeros(rows.shape[1], rows.shape[1], dtype=torch.float32)
+                self.hessian.addmm_(rows.T.float(), rows.float())
             if self._rows is None:
                 self._rows = rows.new_empty(self.capacity, rows.shape[1])
             slots, picked = self._reservoir_slots(rows.shape[0])

@@ -24,9 +24,10 @@ import torch.nn.functional as F
 
 from .config import LayerBits, QuantConfig
 from .permutation import zigzag_permutation
-from .quantizer import fake_quant, percentile_scale
+from .quantizer import percentile_scale
 from .rotation import block_rotate, greedy_rotation, hadamard, svd_rotation
 from .seeds import derive_seed
+from .weights import quantize_weight
 
 _MIN_SCALE = 1e-5
 
@@ -74,23 +75,31 @@ class Transform:
         w = w[:, : self.in_features]
         return w / self.smooth.to(w.dtype) if self.smooth is not None else w
 
-    def quantize_weight(self, w: torch.Tensor, bits: LayerBits) -> torch.Tensor:
+    def hessian(self, h: torch.Tensor) -> torch.Tensor:
+        """H [C, C] of the inputs -> T^T H T [C_pad, C_pad], the Hessian of x' = x T."""
+        return self.activations(self.activations(h).T)
+
+    def quantize_weight(
+        self, w: torch.Tensor, bits: LayerBits, hessian: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """Transform and fake-quantize per output channel, optionally in rotated output rows.
 
         With a row rotation the rows are rotated, quantized and rotated back,
         which equals quantized matmul followed by restoring the output rotation.
+        ``hessian`` is the input Hessian X^T X in the input basis (GPTQ only).
         Computed once, in float64; returns the weight in the transformed input basis.
         """
         w = self.weight(w.double())
         if bits.w_bits >= 16:
             return w
+        h = None if hessian is None else self.hessian(hessian.float())  # as accumulated; GPTQ factors it in float64
         if self.row_rotation is None:
-            return fake_quant(w, bits.w_bits, bits.w_sym, bits.w_clip)
+            return quantize_weight(w, bits, h)
         rows = w.shape[0]
         r = self.row_rotation.double()
         padded = math.ceil(rows / r.shape[-1]) * r.shape[-1]
         rotated = block_rotate(F.pad(w.T, (0, padded - rows)), r).T
-        quantized = fake_quant(rotated, bits.w_bits, bits.w_sym, bits.w_clip)
+        quantized = quantize_weight(rotated, bits, h)
         return block_rotate(quantized.T.contiguous(), r.transpose(1, 2)).T[:rows]
 
     def _rotate(self, x: torch.Tensor) -> torch.Tensor:
@@ -135,7 +144,7 @@ def fit_rotation(x: torch.Tensor, block: int, cfg: QuantConfig, stage: str) -> t
         groups = x.reshape(1, -1, block)
     if cfg.rotation == "svd":
         return svd_rotation(groups)
-    return greedy_rotation(groups, cfg.rotation_steps, derive_seed(cfg.seed, "greedy", stage))
+    return greedy_rotation(groups, cfg.rotation_steps, derive_seed(cfg.seed, "greedy", stage), cfg.rotation_patience)
 
 
 def fit_transform(
