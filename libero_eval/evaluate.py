@@ -68,10 +68,6 @@ class Evaluation:
         self.results_path: Path | None = None  # the results JSON once it exists
         self.errors: str | None = None  # one line on the errored episodes once run() returns, if any
 
-    def episodes(self) -> list[Job]:
-        """The run's episodes in their fixed order: every (task, init state), or this shard's every n-th."""
-        return self.plan.episodes
-
     # -- set-up -------------------------------------------------------------------------------------------------
 
     def protocol_record(self) -> dict:

@@ -45,7 +45,8 @@ class EpisodePlan:
         self.rescore = cfg.calibration.rescore
         first, step = parse_shard(cfg.shard)
         every = [Job(t, e) for t in cfg.task_ids for e in range(cfg.trials_per_task)]
-        self.episodes: list[Job] = every[first::step]  # every (task, init state), or this shard's every n-th
+        # The run's episodes in their fixed order: every (task, init state), or this shard's every n-th.
+        self.episodes: list[Job] = every[first::step]
         self._instructions: dict[int, str] = {}
 
     def describe(self, job: Job) -> EpisodeInfo:
