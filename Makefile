@@ -18,7 +18,7 @@ NUMPY1_TESTS := tests/test_noise.py tests/test_results.py tests/test_embedded_po
 	tests/test_embedded_policy.py::test_short_libero_rollout \
 	"tests/test_runner_quant.py::test_calibration_uses_the_first_real_calls_and_is_recorded[False-1]"
 
-.PHONY: install install-lerobot install-numpy1 run test test-lerobot test-numpy1 bench clean
+.PHONY: install install-lerobot install-numpy1 run test test-main test-all test-lerobot test-numpy1 bench clean
 
 install: $(VENV)/.installed
 
@@ -50,10 +50,15 @@ $(NUMPY1_VENV)/.installed: pyproject.toml
 run: install
 	VENV=$(VENV) bash examples/libero/run_optimized_duquant.sh $(ARGS)
 
-test: install install-lerobot install-numpy1
-	$(PY) -m pytest -q tests
-	$(LEROBOT_PY) -m pytest -q tests/lerobot_adapter
-	$(NUMPY1_PY) -m pytest -q $(NUMPY1_TESTS)
+# Three venvs, three test runs: `make -j3 test` runs them side by side (CI does). Tests marked slow (long real
+# rollouts that repeat what a faster test checks on other suites) run only in test-all.
+test: test-main test-lerobot test-numpy1
+
+test-main: install
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-all: test
+	$(PY) -m pytest -q -m slow tests
 
 test-lerobot: install-lerobot
 	$(LEROBOT_PY) -m pytest -q tests/lerobot_adapter

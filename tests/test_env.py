@@ -72,9 +72,12 @@ def _expert_rollout(env: LiberoEnv, init_state: np.ndarray, steps: int) -> tuple
     return seen, out.frames
 
 
+# Two suites in `make test`; the other three are marked slow (about a minute each) and run with `make test-all`.
 @pytest.mark.parametrize(
     "suite, task_id",
-    [("libero_spatial", 0), ("libero_object", 0), ("libero_goal", 0), ("libero_10", 0), ("libero_90", 2)],
+    [("libero_spatial", 0), ("libero_10", 0)]
+    + [pytest.param(suite, task, marks=pytest.mark.slow) for suite, task in [("libero_object", 0), ("libero_goal", 0),
+                                                                            ("libero_90", 2)]],
 )
 def test_soft_reset_starts_an_episode_exactly_as_a_hard_reset(suite, task_id):
     task, inits = load_task(suite, task_id)

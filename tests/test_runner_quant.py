@@ -97,6 +97,14 @@ def test_a_quantized_run_killed_hard_resumes_on_the_same_calibration(tmp_path):
     assert killed["status"] == "running" and killed["quant"]["calibration"]["complete"]
     assert killed["quant"]["calibration"]["episodes"] == ["libero_spatial/task0/ep0"]
 
+    # A copy as a run of an older version left it when killed: quantized episodes, no calibration record.
+    older = path.with_name("older.json")
+    older.write_text(json.dumps({**killed, "quant": {"mode": "duquant"}}))
+    older.with_suffix(".jsonl").write_bytes(path.with_suffix(".jsonl").read_bytes())
+    refused = subprocess.run([*args[:2], f"resume={older}"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert refused.returncode == 2 and "no record of the calibration" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+
     resumed = subprocess.run([*args[:2], f"resume={path}"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert resumed.returncode == 0, resumed.stderr
     doc = json.loads(path.read_text())
@@ -106,12 +114,3 @@ def test_a_quantized_run_killed_hard_resumes_on_the_same_calibration(tmp_path):
         (r["name"], r["sqnr_db"]) for r in killed["quant"]["layers"]
     ]
     assert doc["quant"]["cache_misses"] == 0  # every transform came back from the pack the killed run fitted
-
-
-def test_resume_refuses_quantized_episodes_without_their_calibration_record(tmp_path):
-    args, path, killed = quantized_run_killed_after_calibration(tmp_path)
-    killed["quant"] = {"mode": "duquant"}  # as a run of an older version left it when killed
-    path.write_text(json.dumps(killed))
-    resumed = subprocess.run([*args[:2], f"resume={path}"], capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert resumed.returncode == 2 and "no record of the calibration" in resumed.stderr
-    assert len(resumed.stderr.strip().splitlines()) == 1
