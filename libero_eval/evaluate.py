@@ -146,23 +146,28 @@ class Evaluation:
                 self._replay_calibration(replay)
             served_before = len(self.calibrator.calibration_calls) if self.calibrator is not None else 0
             recorder = Recorder(results, self.cfg.suite.name, self.calibrator, served_before)
-            jobs = self.plan.jobs(pending, self.calibrator, served_before)
-            self._run_jobs(results, recorder, scheduler, jobs, total=len(self.plan.episodes),
-                           initial=len(self.plan.episodes) - len(pending))  # fmt: skip
+            self._run_jobs(results, recorder, scheduler, pending, served_before)
         finally:
             for worker in scheduler.workers:
                 worker.close()
         return results.json_path
 
-    def _run_jobs(self, results: ResultsFile, recorder: Recorder, scheduler: Scheduler, jobs, total: int,
-                  initial: int) -> None:  # fmt: skip
-        bar = tqdm(total=total, initial=initial, desc=self.cfg.suite.name, unit="ep", disable=not self.cfg.progress)
+    def _run_jobs(self, results: ResultsFile, recorder: Recorder, scheduler: Scheduler, pending: list[Job],
+                  served_before: int) -> None:  # fmt: skip
+        total = len(self.plan.episodes)
+        bar = tqdm(total=total, initial=total - len(pending), desc=self.cfg.suite.name, unit="ep",
+                   disable=not self.cfg.progress)  # fmt: skip
         first_errors: list[str | None] = []  # of this session's first episodes: a policy that always raises
         # Only when the session has more episodes than that (else the end decides).
-        n = self.cfg.abort_after_errors if self.cfg.abort_after_errors < total - initial else 0
+        n = self.cfg.abort_after_errors if self.cfg.abort_after_errors < len(pending) else 0
+
+        def finished():  # the pending episodes, then the rescores their calibration asks for
+            yield from scheduler.run(iter(pending), serial=self._calibrating)
+            yield from scheduler.run(iter(self.plan.rescore_jobs(self.calibrator, served_before)))
+
         status = "failed"
         try:
-            for done in scheduler.run(jobs, serial=self._calibrating):
+            for done in finished():
                 recorder.episode(done.job, self.plan.describe(done.job), done.outcome, done.wall_s)
                 first_errors.append(done.outcome.error)
                 if len(first_errors) == n and (error := repeated_error(first_errors, n)) is not None:

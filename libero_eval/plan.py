@@ -3,7 +3,6 @@ adds (calibration replay first, rescored calibration episodes last)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,12 +81,11 @@ class EpisodePlan:
         jobs = {episode_id(self.suite, j.task_id, j.episode): j for j in self.episodes}
         return [jobs[eid] for eid in ids if eid in jobs]
 
-    def jobs(self, pending: Iterable[Job], calibrator: CalibratingPolicy | None, served_before: int) -> Iterator[Job]:
-        """``pending``, then (``calibration.rescore``) each episode this session calibrated on, rerun fully
-        quantized. Drawn lazily: the rescore list is read once the pending episodes are handed out, when the
-        calibration they ran is known."""
-        yield from pending
-        if self.rescore and calibrator is not None and calibrator.calibrated:
-            ids = dict.fromkeys(c["episode_id"] for c in calibrator.calibration_calls[served_before:])
-            by_id = {episode_id(self.suite, j.task_id, j.episode): j for j in self.episodes}
-            yield from (Job(by_id[eid].task_id, by_id[eid].episode, rescore=True) for eid in ids if eid in by_id)
+    def rescore_jobs(self, calibrator: CalibratingPolicy | None, served_before: int) -> list[Job]:
+        """With ``calibration.rescore``: each episode this session calibrated on, to rerun fully quantized once
+        every pending episode has finished (so an episode never runs twice at once)."""
+        if not self.rescore or calibrator is None or not calibrator.calibrated:
+            return []
+        ids = dict.fromkeys(c["episode_id"] for c in calibrator.calibration_calls[served_before:])
+        by_id = {episode_id(self.suite, j.task_id, j.episode): j for j in self.episodes}
+        return [Job(by_id[eid].task_id, by_id[eid].episode, rescore=True) for eid in ids if eid in by_id]
