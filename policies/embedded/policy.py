@@ -35,12 +35,12 @@ class EmbeddedPolicy(Policy):
         self._path = Path(weights) if weights is not None else DEFAULT_WEIGHTS
         if self._path.is_dir():  # what train_embedded_policy.py --out wrote
             self._path = self._path / DEFAULT_WEIGHTS.name
-        self._model: EmbeddedVLA = load_weights(self._path).to(device)
         recipe_path = self._path.with_name("recipe.json")
         self._recipe: dict | None = json.loads(recipe_path.read_text()) if recipe_path.is_file() else None
-        self._sha256 = file_sha256(self._path)
+        self._sha256 = file_sha256(self._path)  # checked before loading: damaged weights are never parsed
         check_sha256(str(self._path), self._sha256, (self._recipe or {}).get("weights_sha256"), str(recipe_path))
         check_sha256(str(self._path), self._sha256, sha256)
+        self._model: EmbeddedVLA = load_weights(self._path).to(device)
         if self._model.config.horizon != self.chunk_size:
             horizon = self._model.config.horizon
             raise ValueError(f"{self._path} predicts {horizon} actions per chunk, not {self.chunk_size}")
