@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import imageio.v2 as imageio
@@ -57,7 +58,11 @@ class Recorder:
             return None
         calibration = {**self.calibrator.calibration_record(), "batching": "one episode at a time, as with num_envs=1"}
         cfg = self.calibrator.cfg
-        return {"mode": cfg.mode, "tag": cfg.tag(), **(self.calibrator.report or {}), "calibration": calibration}
+        report = self.calibrator.report or {}
+        # The results schema keeps the run's whole quant config and the dry_run flag the report once carried.
+        if report:
+            report = {**report, "config": dataclasses.asdict(cfg), "dry_run": False}
+        return {"mode": cfg.mode, "tag": cfg.tag(), **report, "calibration": calibration}
 
     def _save_video(self, record: dict, frames: list[np.ndarray]) -> Path:
         json_path = self.results.json_path
