@@ -13,6 +13,7 @@ permutation and a second rotation. Typical use::
 
 from .api import quantize_
 from .calibrate import Calibration
+from .checkpoint import QuantizedCheckpointError, load_quantized, read_metadata, save_quantized
 from .config import LayerBits, LayerOverride, QuantConfig
 from .linear import DuQuantLinear
 from .pack import CorruptPackError, PackStore
@@ -31,7 +32,11 @@ __all__ = [
     "PackStore",
     "QuantConfig",
     "QuantReport",
+    "QuantizedCheckpointError",
     "Transform",
+    "load_quantized",
     "quantize_",
+    "read_metadata",
+    "save_quantized",
     "select_layers",
 ]

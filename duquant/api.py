@@ -42,9 +42,12 @@ def quantize_(
         if bits.is_fp:
             skipped.append(name)
             continue
+        problem = cfg.int_backend_problem(bits) if cfg.backend == "int" else None
+        if problem:
+            raise ValueError(f"{problem} (layer {name})")
         seed = derive_seed(cfg.seed, name, "sample")
         stats = ActivationStats(cfg.calib_max_tokens, seed, hessian=cfg.w_quantizer == "gptq")
-        quantized = DuQuantLinear(linear, cfg.mode, bits, stats)
+        quantized = DuQuantLinear(linear, cfg.mode, bits, stats, cfg.backend)
         _replace(model, linear, quantized)
         layers.append((name, quantized))
     return Calibration(cfg, layers, skipped, cache_dir)

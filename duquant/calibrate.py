@@ -81,7 +81,7 @@ class Calibration:
         row = LayerReport(name, (layer.out_features, layer.in_features), bits.w_bits, bits.a_bits, transform.block)
         row.calib_calls, row.calib_rows, row.cache = calls, rows, cache
         if x is not None:
-            row.sqnr_db = sqnr_db(reference, layer(x.to(layer.weight.dtype)))
+            row.sqnr_db = sqnr_db(reference, layer(x.to(layer.compute_dtype)))
             row.act_max_before = x.abs().max().item()
             row.act_max_after = transform.activations(x).abs().max().item()
         return row

@@ -18,6 +18,7 @@ PERMUTES = ("zigzag", "none")
 ACT_SCALES = ("dynamic", "static")
 ROW_ROTATIONS = ("none", "restore")
 W_QUANTIZERS = ("minmax", "mse", "gptq")
+BACKENDS = ("fake", "int")
 W_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
 A_BITS = (4, 8, 16)
 OFF = 16  # a bit width of 16 means "leave this tensor in floating point"
@@ -94,6 +95,9 @@ class QuantConfig:
     w_quantizer: str = "minmax"
     # GPTQ's Hessian damping, as a fraction of the mean diagonal.
     gptq_damp: float = 0.01
+    # How quantized layers compute: fake (quantize-dequantize in floating point, the reference) or int
+    # (integer codes and integer matmuls, duquant/kernels.py); the same quantized model either way.
+    backend: str = "fake"
     # Input rows sampled per layer for fitting the rotations; the greedy search costs rows x steps x b^2.
     calib_max_tokens: int = 512
     seed: int = 0
@@ -110,6 +114,7 @@ class QuantConfig:
         self._check_choice("act_scales", ACT_SCALES)
         self._check_choice("row_rotation", ROW_ROTATIONS)
         self._check_choice("w_quantizer", W_QUANTIZERS)
+        self._check_choice("backend", BACKENDS)
         _check_bits("w_bits", self.w_bits, W_BITS)
         _check_bits("a_bits", self.a_bits, A_BITS)
         self._check_int("block_size", 2)
@@ -188,6 +193,21 @@ class QuantConfig:
             w_quantizer=self.w_quantizer,
             gptq_damp=self.gptq_damp,
         )
+
+    def int_backend_problem(self, bits: LayerBits) -> Optional[str]:
+        """Why ``backend=int`` cannot run a layer with ``bits`` (None when it can)."""
+        supported = "supported: weights of 2-7 bits, or 8 bits symmetric, with per-token A4/A8 or A16"
+        if bits.w_bits >= 16:
+            reason = f"{bits.tag()} keeps the weight in floating point"
+        elif bits.w_bits == 8 and not bits.w_sym and bits.a_bits < 16:
+            reason = "asymmetric 8-bit weights have codes minus zero point outside int8 (set w_sym=true)"
+        elif self.act_scales == "static" and bits.a_bits < 16:
+            reason = "act_scales=static quantizes activations per channel, which no integer GEMM rescales"
+        elif self.row_rotation != "none":
+            reason = f"row_rotation={self.row_rotation} leaves the weight off its integer grid"
+        else:
+            return None
+        return f"backend=int cannot run {bits.tag()} here: {reason}; {supported}, or use backend=fake"
 
     @property
     def smooths(self) -> bool:

@@ -29,8 +29,8 @@ from .transform import Transform
 
 PACK_FORMAT = "duquant-pack"
 PACK_VERSION = 2  # 2: metadata "sha256" of the tensors; a version-1 pack (no hash) is keyed apart, never read
-# Fields that pick layers; they cannot change a layer's transform.
-_UNKEYED = ("include", "exclude", "layers", "overrides")
+# Fields that cannot change a layer's transform: which layers, and how the quantized layer computes.
+_UNKEYED = ("include", "exclude", "layers", "overrides", "backend")
 
 
 class CorruptPackError(ValueError):

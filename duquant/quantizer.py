@@ -34,10 +34,21 @@ def fake_quant(x: torch.Tensor, bits: int, sym: bool, clip: float | torch.Tensor
     tensor gives each row its own clip ([rows, 1]).
     """
     h = _upcast(x)
-    qmin, qmax = qrange(bits, sym)
     scale, zero = row_grid(h, bits, sym, clip)
-    codes = h / scale if zero is None else torch.addcdiv(zero, h, scale)
-    return _dequantize(codes, zero, scale, qmin, qmax).to(x.dtype)
+    return fake_quant_on_grid(h, scale, zero, bits, sym).to(x.dtype)
+
+
+def fake_quant_on_grid(
+    h: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor], bits: int, sym: bool
+) -> torch.Tensor:
+    """Quantize-dequantize ``h`` onto a given per-row grid (from :func:`row_grid`)."""
+    qmin, qmax = qrange(bits, sym)
+    return _dequantize(row_codes(h, scale, zero), zero, scale, qmin, qmax)
+
+
+def row_codes(h: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor]) -> torch.Tensor:
+    """Unrounded integer codes of ``h`` on the grid (zero point included): h / scale (+ zero)."""
+    return h / scale if zero is None else torch.addcdiv(zero, h, scale)
 
 
 def row_grid(

@@ -27,6 +27,7 @@ from .permutation import zigzag_permutation
 from .quantizer import percentile_scale
 from .rotation import block_rotate, greedy_rotation, hadamard, svd_rotation
 from .seeds import derive_seed
+from .codes import QuantizedWeight
 from .weights import quantize_weight
 
 _MIN_SCALE = 1e-5
@@ -79,28 +80,29 @@ class Transform:
         """H [C, C] of the inputs -> T^T H T [C_pad, C_pad], the Hessian of x' = x T."""
         return self.activations(self.activations(h).T)
 
-    def quantize_weight(
-        self, w: torch.Tensor, bits: LayerBits, hessian: Optional[torch.Tensor] = None
-    ) -> torch.Tensor:
-        """Transform and fake-quantize per output channel, optionally in rotated output rows.
+    def quantize_weight(self, w: torch.Tensor, bits: LayerBits, hessian: Optional[torch.Tensor] = None) -> QuantizedWeight:
+        """Transform and quantize per output channel, in float64, once.
 
-        With a row rotation the rows are rotated, quantized and rotated back,
-        which equals quantized matmul followed by restoring the output rotation.
-        ``hessian`` is the input Hessian X^T X in the input basis (GPTQ only).
-        Computed once, in float64; returns the weight in the transformed input basis.
+        The result lies on its grid in the transformed input basis, and in
+        rotated output rows when the transform has a row rotation
+        (:meth:`restore_rows` maps it back, which equals a quantized matmul
+        followed by undoing the output rotation). ``hessian`` is the input
+        Hessian X^T X in the input basis (GPTQ only).
         """
         w = self.weight(w.double())
-        if bits.w_bits >= 16:
-            return w
         h = None if hessian is None else self.hessian(hessian.float())  # as accumulated; GPTQ factors it in float64
+        if self.row_rotation is not None:
+            rows = w.shape[0]
+            padded = math.ceil(rows / self.row_rotation.shape[-1]) * self.row_rotation.shape[-1]
+            w = block_rotate(F.pad(w.T, (0, padded - rows)), self.row_rotation.double()).T
+        return quantize_weight(w, bits, h)
+
+    def restore_rows(self, w: torch.Tensor, rows: int) -> torch.Tensor:
+        """Undo the row rotation of a weight from :meth:`quantize_weight` (identity without one)."""
         if self.row_rotation is None:
-            return quantize_weight(w, bits, h)
-        rows = w.shape[0]
-        r = self.row_rotation.double()
-        padded = math.ceil(rows / r.shape[-1]) * r.shape[-1]
-        rotated = block_rotate(F.pad(w.T, (0, padded - rows)), r).T
-        quantized = quantize_weight(rotated, bits, h)
-        return block_rotate(quantized.T.contiguous(), r.transpose(1, 2)).T[:rows]
+            return w
+        r = self.row_rotation.to(w.dtype).transpose(1, 2)
+        return block_rotate(w.T.contiguous(), r).T[:rows]
 
     def _rotate(self, x: torch.Tensor) -> torch.Tensor:
         if self.r1 is not None:

@@ -23,7 +23,8 @@ from typing import Optional
 import torch
 
 from .config import LayerBits
-from .quantizer import fake_quant, qrange, row_grid
+from .codes import QuantizedWeight
+from .quantizer import fake_quant, fake_quant_on_grid, qrange, row_grid
 
 # Clip ratios the MSE search tries besides the fixed one (which it keeps on ties).
 MSE_CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
@@ -31,17 +32,19 @@ MSE_CLIPS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
 GPTQ_BLOCK = 128
 
 
-def quantize_weight(w: torch.Tensor, bits: LayerBits, hessian: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Fake-quantize ``w`` [C_out, C] with ``bits.w_quantizer``; ``hessian`` [C, C] is needed for gptq only."""
-    if bits.w_quantizer == "minmax":
-        return fake_quant(w, bits.w_bits, bits.w_sym, bits.w_clip)
-    clip = mse_clip(w, bits)
-    if bits.w_quantizer == "mse":
-        return fake_quant(w, bits.w_bits, bits.w_sym, clip)
-    if hessian is None:
-        raise ValueError("w_quantizer=gptq needs the layer's input Hessian, but none was recorded")
+def quantize_weight(w: torch.Tensor, bits: LayerBits, hessian: Optional[torch.Tensor] = None) -> QuantizedWeight:
+    """Quantize ``w`` [C_out, C] with ``bits.w_quantizer``; ``hessian`` [C, C] is needed for gptq only."""
+    clip = bits.w_clip if bits.w_quantizer == "minmax" else mse_clip(w, bits)
     scale, zero = row_grid(w, bits.w_bits, bits.w_sym, clip)
-    return gptq(w, hessian, scale, zero, bits)
+    if bits.w_quantizer != "gptq":
+        values = fake_quant_on_grid(w, scale, zero, bits.w_bits, bits.w_sym)
+    elif hessian is None:
+        raise ValueError("w_quantizer=gptq needs the layer's input Hessian, but none was recorded")
+    else:
+        # GPTQ rounds in float32 (as the reference implementation): its values lie on the float32 scales.
+        scale = scale.float().to(w.dtype)
+        values = gptq(w, hessian, scale, zero, bits)
+    return QuantizedWeight(values, scale, zero, bits.w_bits, bits.w_sym)
 
 
 def mse_clip(w: torch.Tensor, bits: LayerBits) -> torch.Tensor:

@@ -54,8 +54,11 @@ def test_transform_without_quantization_reproduces_fp(in_features, block, per_bl
 def test_weight_only_layer_folds_the_transform_into_the_weight():
     model, fp, _ = _quantized(QuantConfig(w_bits=4, a_bits=16, rotation_steps=16, block_size=64))
     layer = model[0]
-    assert layer.weight.shape == fp.weight.shape and layer.r1 is None and layer.perm is None
+    # The codes live in the transformed basis (the transform stays in the state), the fake forward is one F.linear.
+    assert layer.weight.shape == fp.weight.shape and layer.r1 is not None and layer.fwd_r1 is None
+    assert "weight" not in layer.state_dict() and layer.state_dict()["qweight"].dtype == torch.uint8
     x = _outlier_inputs(16, 256, seed=5)
+    assert torch.equal(model(x), F.linear(x, layer.weight, layer.bias))
     assert _rel_err(model(x), fp(x)) < 0.1
 
 
@@ -117,7 +120,7 @@ def test_buffers_follow_the_module_and_repr_tells_the_setup():
     layer = model[0]
     assert isinstance(layer, DuQuantLinear)
     state = layer.state_dict()
-    assert {"weight", "bias", "r1", "perm", "r2"} <= set(state)
+    assert {"qweight", "w_scale", "w_zero", "bias", "smooth", "r1", "perm", "r2", "_extra_state"} == set(state)
     assert not [p for p in layer.parameters()]
     layer.double()
     assert layer.r1.dtype == torch.float64 and layer.perm.dtype == torch.int64

@@ -39,8 +39,7 @@ def test_rerun_hits_the_cache_and_gives_identical_layers(tmp_path):
     assert len(_packs(tmp_path)) == 2
     second, report = _run(CFG, tmp_path)
     assert report["cache_hits"] == 2 and report["cache_misses"] == 0
-    for a, b in zip(first.state_dict().values(), second.state_dict().values()):
-        assert torch.equal(a, b)
+    _assert_same_state(first, second)
 
 
 @pytest.mark.parametrize(
@@ -76,8 +75,7 @@ def test_corrupt_pack_is_named_and_rebuilt(tmp_path, damage):
     with pytest.warns(UserWarning, match=victim.name):
         rebuilt, report = _run(CFG, tmp_path)
     assert report["cache_rebuilt"] == 1 and report["cache_hits"] == 1
-    for a, b in zip(reference.state_dict().values(), rebuilt.state_dict().values()):
-        assert torch.equal(a, b)
+    _assert_same_state(reference, rebuilt)
     _, report = _run(CFG, tmp_path)  # the rebuilt pack was written back
     assert report["cache_hits"] == 2
 
@@ -109,5 +107,13 @@ def test_altered_tensor_bytes_behind_an_intact_header_are_named_and_rebuilt(tmp_
     with pytest.warns(UserWarning, match=victim.name):
         rebuilt, report = _run(CFG, tmp_path)
     assert report["cache_rebuilt"] == 1 and report["cache_hits"] == 1
-    for a, b in zip(reference.state_dict().values(), rebuilt.state_dict().values()):
-        assert torch.equal(a, b)
+    _assert_same_state(reference, rebuilt)
+
+
+def _assert_same_state(a, b) -> None:
+    """The same quantized model: equal tensors and equal extra state (mode, bits, block size), key by key."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        same = torch.equal(sa[key], sb[key]) if isinstance(sa[key], torch.Tensor) else sa[key] == sb[key]
+        assert same, key

@@ -39,7 +39,7 @@ def test_mse_never_picks_a_worse_clip_than_the_fixed_one(bits, sym):
     layer = dataclasses.replace(QuantConfig(w_bits=bits, w_sym=sym).layer_bits("x"), w_quantizer="mse")
     fixed = (fake_quant(w, bits, sym, layer.w_clip) - w).pow(2).sum(1)
     clip = mse_clip(w, layer)
-    searched = (quantize_weight(w, layer) - w).pow(2).sum(1)
+    searched = (quantize_weight(w, layer).values - w).pow(2).sum(1)
     assert (searched <= fixed).all()
     if bits <= 4:  # at 8 bits no clip beats the full range on this weight's outlier column
         assert searched.sum() < fixed.sum()
@@ -55,7 +55,7 @@ def test_gptq_lowers_held_out_output_error_against_rtn(sym):
     reference = held_out @ w.T
 
     def error(quantizer: str) -> float:
-        q = quantize_weight(w, dataclasses.replace(bits, w_quantizer=quantizer), hessian)
+        q = quantize_weight(w, dataclasses.replace(bits, w_quantizer=quantizer), hessian).values
         return ((held_out @ q.T - reference).norm() / reference.norm()).item()
 
     assert error("gptq") < 0.5 * error("minmax")
@@ -67,7 +67,7 @@ def test_gptq_keeps_the_per_channel_grid_and_zeroes_dead_channels():
     x = _correlated_inputs(256, 40, seed=2)
     x[:, 7] = 0.0  # a channel that never fires
     bits = dataclasses.replace(QuantConfig(w_bits=4).layer_bits("x"), w_quantizer="gptq")
-    q = quantize_weight(w, bits, x.T @ x)
+    q = quantize_weight(w, bits, x.T @ x).values
     assert torch.isfinite(q).all() and (q[:, 7] == 0).all()
     scale, zero = row_grid(w, bits.w_bits, bits.w_sym, mse_clip(w, bits))
     codes = q / scale + zero
