@@ -49,6 +49,8 @@ class QuantRunConfig(QuantConfig):
     calib_steps: int = 32  # the run's first N policy calls run in full precision and calibrate
     scope: str = "default"  # a layer preset of the policy (policies/scopes.py), widened/narrowed by include/exclude
     dry_run: bool = False  # list the layers the config would quantize, then exit
+    load: Optional[str] = None  # a directory saved by quant.save: evaluate that quantized policy, no calibration
+    save: Optional[str] = None  # save the quantized policy to this new directory once calibration finishes
 
     def __post_init__(self) -> None:
         try:
@@ -59,6 +61,10 @@ class QuantRunConfig(QuantConfig):
             raise ConfigError(f"quant.calib_steps must be an integer >= 1, got {self.calib_steps!r}")
         if not self.scope:
             raise ConfigError("quant.scope must be a non-empty preset name, got ''")
+        if self.mode == "fp" and (self.load or self.save):
+            raise ConfigError("quant.load and quant.save need a quantized mode; quant=fp has nothing to load or save")
+        if self.load and self.save:
+            raise ConfigError("quant.load and quant.save together would copy a saved model: give one of them")
 
     def method(self) -> QuantConfig:
         """The library's part of the setting: what ``duquant`` gets."""
