@@ -108,7 +108,8 @@ class PolicyServer:
         if self.calibrator is not None:
             report = self.calibrator.report or {}
             quant.update(config=asdict(self.cfg.quant), calibrated=self.calibrator.calibrated,
-                         layers_quantized=report.get("layers_quantized"), average_sqnr_db=report.get("average_sqnr_db"))  # fmt: skip
+                         layers_quantized=report.get("layers_quantized"), average_sqnr_db=report.get("average_sqnr_db"),
+                         loaded_from=report.get("loaded_from"), saved_to=report.get("saved_to"))  # fmt: skip
         return {**self._policy_record, "quant": quant}
 
     def infer(self, request: dict, connection: str, requests: int) -> np.ndarray:
