@@ -106,3 +106,57 @@ class Int8Matmul:
         centred = F.pad(centred, (0, self._weight.shape[0] - self.in_features, 0, pad_m))
         out = torch._int_mm(centred, self._weight)[:m, : self.out_features].float()
         return out.add_(self.row_sums, alpha=128.0)
+
+
+INT4_GROUPS = (256, 128, 64, 32)  # group sizes torch's packed-int4 kernel takes; all groups of a row share its scale
+
+
+@functools.lru_cache(maxsize=None)
+def int4pack_layout_known() -> bool:
+    """Whether torch's packed-int4 CPU layout is the one :class:`Int4WeightMatmul` reads back (probed once)."""
+    try:
+        codes = torch.randint(0, 16, (64, 128), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        return torch.equal(torch._convert_weight_to_int4pack_for_cpu(codes.int(), 2), _int4pack(codes))
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
+def _int4pack(codes: torch.Tensor) -> torch.Tensor:
+    """[N, K] codes -> torch's CPU layout: per block of 32 rows, byte k*16 + j holds rows j (low) and 16 + j (high)."""
+    n, k = codes.shape
+    halves = codes.reshape(n // 32, 2, 16, k)
+    return (halves[:, 0] | (halves[:, 1] << 4)).transpose(1, 2).reshape(n, k // 2)
+
+
+def _int4unpack(packed: torch.Tensor) -> torch.Tensor:
+    n, k = packed.shape[0], packed.shape[1] * 2
+    blocks = packed.reshape(n // 32, k, 16).transpose(1, 2)
+    return torch.stack((blocks & 15, blocks >> 4), 1).reshape(n, k)
+
+
+class Int4WeightMatmul:
+    """``x @ w.T`` for float ``x`` and a 4-bit weight w = (u - zero) * scale per row, by torch's packed-int4 CPU
+    kernel (``torch._weight_int4pack_mm_for_cpu``), which dequantizes in registers: only the packed codes stay."""
+
+    @staticmethod
+    def supports(out_features: int, in_features: int, device: torch.device) -> bool:
+        return device.type == "cpu" and out_features % 32 == 0 and in_features % 32 == 0 and int4pack_layout_known()
+
+    def __init__(self, codes: torch.Tensor, zero: torch.Tensor, scale: torch.Tensor):
+        self.out_features, self.in_features = codes.shape
+        self.group = next(g for g in INT4_GROUPS if self.in_features % g == 0)
+        self._packed = _int4pack(codes)
+        self.zero = zero
+        # The kernel computes (u - 8) * scale + offset, so a row's zero point becomes offset = (8 - zero) * scale.
+        scale = scale.float()
+        per_row = torch.stack((scale, (8.0 - zero.float()) * scale), -1)  # [N, 2]
+        self._scales = per_row.expand(self.in_features // self.group, -1, -1).contiguous()
+
+    def weight(self) -> torch.Tensor:
+        return (_int4unpack(self._packed).to(torch.int16) - self.zero.to(torch.int16)[:, None]).to(torch.int8)
+
+    def nbytes(self) -> int:
+        return self._packed.nbytes + self._scales.nbytes + self.zero.nbytes
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int4pack_mm_for_cpu(x.float(), self._packed, self.group, self._scales)

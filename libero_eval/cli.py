@@ -82,3 +82,7 @@ def main(dcfg: DictConfig) -> Path | None:
         print(f"interrupted: continue with resume={path}", file=sys.stderr)
         sys.exit(130)
     return path  # for the sweep index (libero_eval/sweep_index.py)
+
+
+if __name__ == "__main__":  # python -m libero_eval.cli
+    main()
