@@ -29,7 +29,7 @@ from torch import nn
 
 from . import codes
 from .config import LayerBits
-from .kernels import Int4WeightMatmul, Int8Matmul
+from .kernels import Int8Matmul
 from .quantizer import _upcast, fake_quant, fake_quant_static, qrange, row_codes, row_grid
 from .rotation import block_rotate
 from .stats import ActivationStats
@@ -67,7 +67,7 @@ class DuQuantLinear(nn.Module):
         self.stats = stats
         self.quantized = False
         self.compute_dtype = linear.weight.dtype
-        self.kernel: Optional[Int8Matmul | Int4WeightMatmul] = None
+        self.kernel: Optional[Int8Matmul] = None
         self.register_buffer("weight", linear.weight.detach())
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
         for name in TRANSFORM_BUFFERS + CODE_BUFFERS:
@@ -139,15 +139,10 @@ class DuQuantLinear(nn.Module):
                 self.qweight = None  # the kernel holds the weight; state_dict() reads it back
             self.fwd_w_scale = self.w_scale.float()
 
-    def _int_kernel(self) -> Optional[Int8Matmul | Int4WeightMatmul]:
-        """Integer activations: the int8 GEMM. Weight-only: the packed-int4 kernel where torch has one, else none
-        (the packed codes are dequantized at use)."""
-        if self.bits.a_bits < 16:
-            return Int8Matmul(self._signed_codes().to(torch.int8))
-        if self.bits.w_bits == 4 and Int4WeightMatmul.supports(self.out_features, self.width, self.w_scale.device):
-            unsigned = codes.load(self.qweight, 4, self.width)
-            return Int4WeightMatmul(unsigned, self.w_zero, self.w_scale)
-        return None
+    def _int_kernel(self) -> Optional[Int8Matmul]:
+        """Integer activations: the int8 GEMM. Weight-only: none, the packed codes are dequantized at use (torch's
+        packed-int4 CPU kernel was measured 10-50x slower than that here in float32; docs/integer.md)."""
+        return Int8Matmul(self._signed_codes().to(torch.int8)) if self.bits.a_bits < 16 else None
 
     def _set_weight(self, weight: Optional[torch.Tensor], persistent: bool) -> None:
         self.weight = weight
@@ -174,12 +169,7 @@ class DuQuantLinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         h = self.transform_input(x.reshape(-1, self.in_features))
         if self.backend == "int":
-            if self.bits.a_bits < 16:
-                y = self._int_matmul(h)
-            elif self.kernel is not None:
-                y = self.kernel(h) if self.bias is None else self.kernel(h).add_(self.bias.float())
-            else:
-                y = self._dequantized_matmul(h)
+            y = self._int_matmul(h) if self.bits.a_bits < 16 else self._dequantized_matmul(h)
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         if self.act_scale is not None:
             h = fake_quant_static(h, self.act_scale, self.bits.a_bits)
