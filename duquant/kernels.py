@@ -50,9 +50,9 @@ def _prepack(w: torch.Tensor) -> torch.Tensor:
     return torch.ops.onednn.qlinear_prepack(w, [1, w.shape[1]])
 
 
-def _onednn(a: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    n = packed.shape[1]
-    ones, zeros = torch.ones(n), torch.zeros(n, dtype=torch.long)
+def _onednn(a: torch.Tensor, packed: torch.Tensor, unit: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """a @ w.T as float32: every scale 1 and zero point 0 (``unit``: those per-channel tensors, if kept)."""
+    ones, zeros = unit or (torch.ones(packed.shape[1]), torch.zeros(packed.shape[1], dtype=torch.long))
     return torch.ops.onednn.qlinear_pointwise(a, 1.0, 0, packed, ones, zeros, None, 1.0, 0, torch.float32, "none", [None], "")
 
 
@@ -72,6 +72,7 @@ class Int8Matmul:
         elif weight.device.type == "cpu" and onednn_available():
             self.kernel = "onednn"
             self._weight = _prepack(weight.contiguous())
+            self._unit = (torch.ones(self.out_features), torch.zeros(self.out_features, dtype=torch.long))
             self.split = onednn_saturates() and 2 * 255 * int(weight.abs().max()) > _INT16_MAX
         else:
             self.kernel = "int_mm"
@@ -92,8 +93,8 @@ class Int8Matmul:
         """a [M, K] uint8 -> a @ w.T [M, N] float32."""
         if self.kernel == "onednn":
             if not self.split:
-                return _onednn(a, self._weight)
-            halves = _onednn(torch.cat((a >> 1, a & 1)), self._weight)
+                return _onednn(a, self._weight, self._unit)
+            halves = _onednn(torch.cat((a >> 1, a & 1)), self._weight, self._unit)
             high, low = halves.split(a.shape[0])
             return high.mul_(2).add_(low)
         return self._int_mm(a)
