@@ -182,9 +182,10 @@ def test_rollout_through_policy_remote(embedded_server, tmp_path):
     assert doc["protocol"]["obs_mode"] == "state" and doc["protocol"]["chunk_size"] == 10
 
 
-def test_quantized_server_calibrates_on_the_first_real_requests(tmp_path):
+def test_quantized_server_calibrates_on_the_first_real_requests_and_a_saved_one_serves_without(tmp_path):
     quant = ["quant=w4a8", "quant.calib_steps=2", "quant.scope=expert_mlp", "quant.rotation_steps=16"]
-    with policy_server(tmp_path, "policy=embedded", *quant) as (address, log):
+    saved = tmp_path / "saved"
+    with policy_server(tmp_path, "policy=embedded", *quant, f"quant.save={saved}") as (address, log):
         remote = RemotePolicy(address)
         chunks = [remote.predict(batch([0], [step])) for step in (0, 5, 10)]  # 2 calibrate (FP), then quantized
         after = RemotePolicy(address).describe()["server_metadata"]["quant"]
@@ -193,6 +194,16 @@ def test_quantized_server_calibrates_on_the_first_real_requests(tmp_path):
     assert after["calibrated"] is True and after["layers_quantized"] == 9  # 3 expert layers x gate/up/down
     assert "calibrated on 2 requests: 9 layers quantized" in log.read_text()
     assert all(np.isfinite(c).all() for c in chunks) and any((tmp_path / "duquant_packs").iterdir())
+    assert after["saved_to"]["path"] == str(saved / "quantized.safetensors")
+
+    (tmp_path / "again").mkdir()
+    with policy_server(tmp_path / "again", "policy=embedded", *quant, f"quant.load={saved}", "quant.backend=int") as (
+        address, _):  # fmt: skip
+        loaded = RemotePolicy(address)
+        quantized = loaded.predict(batch([0], [10]))  # no calibration: quantized from the first request
+        served = loaded.describe()["server_metadata"]["quant"]
+    assert served["calibrated"] and served["loaded_from"] == after["saved_to"] and served["config"]["backend"] == "int"
+    assert np.abs(quantized - chunks[2]).max() < 5e-3  # int against fake, as tests/test_duquant_int.py
 
 
 def test_no_server_is_a_bounded_one_line_failure():
