@@ -299,14 +299,18 @@ def save_weights(model: EmbeddedVLA, path: str | Path) -> None:
     os.chmod(path, 0o644)  # safetensors creates 0600 files; shipped weights must be readable by every user
 
 
-def load_weights(path: str | Path) -> EmbeddedVLA:
-    """Rebuild the model from a file written by :func:`save_weights`; refuses anything that does not match exactly."""
-    path = Path(path)
+def require_weights_file(path: Path) -> None:
     if not path.is_file():
         raise FileNotFoundError(
             f"embedded policy weights not found at {path}; train them with scripts/train_embedded_policy.py "
             "or pass the path of an existing model.safetensors"
         )
+
+
+def load_weights(path: str | Path) -> EmbeddedVLA:
+    """Rebuild the model from a file written by :func:`save_weights`; refuses anything that does not match exactly."""
+    path = Path(path)
+    require_weights_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}

@@ -10,7 +10,7 @@ import torch
 
 from policies.base import ACTION_DIM, ObservationBatch, ObsMode, Policy, file_sha256, resolve_device
 from policies.checkpoints import check_sha256, expected_sha256
-from policies.embedded.model import EmbeddedVLA, load_weights
+from policies.embedded.model import EmbeddedVLA, load_weights, require_weights_file
 from policies.embedded.text import InstructionEncoder
 from policies.noise import episode_noise
 from policies.scopes import pi0_presets
@@ -37,6 +37,7 @@ class EmbeddedPolicy(Policy):
             self._path = self._path / DEFAULT_WEIGHTS.name
         recipe_path = self._path.with_name("recipe.json")
         self._recipe: dict | None = json.loads(recipe_path.read_text()) if recipe_path.is_file() else None
+        require_weights_file(self._path)
         self._sha256 = file_sha256(self._path)  # checked before loading: damaged weights are never parsed
         check_sha256(str(self._path), self._sha256, (self._recipe or {}).get("weights_sha256"), str(recipe_path))
         check_sha256(str(self._path), self._sha256, sha256)
