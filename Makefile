@@ -51,11 +51,13 @@ run: install
 	VENV=$(VENV) bash examples/libero/run_optimized_duquant.sh $(ARGS)
 
 # Three venvs, three test runs: `make -j3 test` runs them side by side (CI does). Tests marked slow (long real
-# rollouts that repeat what a faster test checks on other suites) run only in test-all.
+# rollouts that repeat what a faster test checks on other suites) run only in test-all. The main suite runs in
+# TEST_WORKERS pytest-xdist processes, a test file per process at a time (files share module fixtures).
+TEST_WORKERS ?= 2
 test: test-main test-lerobot test-numpy1
 
 test-main: install
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" tests
 
 test-all: test
 	$(PY) -m pytest -q -m slow tests
