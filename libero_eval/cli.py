@@ -112,7 +112,8 @@ def run_one(dcfg: DictConfig, overrides) -> Path | None:
     print(f"results: {path}")
     if evaluation.errors is not None:
         print(f"warning: {evaluation.errors} (not counted as policy failures)", file=sys.stderr)
-    if evaluation.status == "interrupted":
+    # A signal that came as the last episode ended leaves the run complete; it still ends a multi-suite run here.
+    if evaluation.status == "interrupted" or evaluation.stop.is_set():
         print(f"interrupted: continue with resume={path}", file=sys.stderr)
         sys.exit(130)
     return path
