@@ -103,17 +103,17 @@ def instruction(suite: str, spec, bddl: str) -> str:
     too unless its BDDL file changes the instruction (LIBERO-PRO's ``_lan`` and ``_task`` suites): the benchmark
     names tasks from their file names, which the perturbed suites keep, so only the BDDL has the new words."""
     base = base_suite(suite)
-    if base == suite:
+    base_id = spec_index(base, spec.name) if base != suite else None
+    if base_id is None:  # a base suite, or a suite whose tasks are named apart (another scene): its own language
         return spec.language
-    _, base_bddl, _ = _task_spec(base, spec_index(base, spec.name))
     language = _bddl_language(bddl)
-    return spec.language if language == _bddl_language(base_bddl) else language
+    return spec.language if language == _bddl_language(_task_spec(base, base_id)[1]) else language
 
 
-def spec_index(suite: str, name: str) -> int:
-    """The id of the task called ``name`` in ``suite``."""
+def spec_index(suite: str, name: str) -> int | None:
+    """The id of the task called ``name`` in ``suite``, if it has one."""
     bench = _benchmark(suite)
-    return next(i for i in range(bench.get_num_tasks()) if bench.get_task(i).name == name)
+    return next((i for i in range(bench.get_num_tasks()) if bench.get_task(i).name == name), None)
 
 
 def load_task(suite: str, task_id: int) -> tuple[Task, np.ndarray]:

@@ -21,7 +21,8 @@ def suite_order(suite: str) -> tuple:
     """Base suites in LIBERO's order, each followed by its perturbations in LIBERO-PRO's order; others last."""
     base = base_suite(suite)
     family = BASE_SUITES.index(base) if base in BASE_SUITES else len(BASE_SUITES)
-    kind = PERTURBATIONS.index(suite.removeprefix(f"{base}_")) + 1 if suite != base else 0
+    kind = suite.removeprefix(f"{base}_")
+    kind = 0 if suite == base else PERTURBATIONS.index(kind) + 1 if kind in PERTURBATIONS else len(PERTURBATIONS) + 1
     return family, base, kind, suite
 
 

@@ -23,6 +23,7 @@ def probe(suite: str, steps: int) -> dict:
     from libero.libero import benchmark
 
     record: dict = {"suite": suite, "tasks": None, "init_states": [], "objects_of_interest": None, "problem": None}
+    task_id = 0
     try:
         record["tasks"] = benchmark.get_benchmark_dict()[suite]().get_num_tasks()
         if not record["tasks"]:
@@ -39,7 +40,7 @@ def probe(suite: str, steps: int) -> dict:
                 if task_id == 0:
                     record["objects_of_interest"] = env.objects_of_interest
     except Exception as exc:  # the probe's purpose is to record why a suite cannot run
-        record["problem"] = f"task {len(record['init_states'])}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        record["problem"] = f"task {task_id}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
     return record
 
 
