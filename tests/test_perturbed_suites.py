@@ -76,9 +76,9 @@ def test_swapped_objects_are_observed_where_the_swap_put_them():
     assert max(moved) > 0.05, moved
 
 
-@pytest.mark.parametrize("suite", ["libero_spatial_swap", "libero_spatial_lan"])
-def test_the_expert_solves_a_swapped_and_a_paraphrased_episode(suite):
-    task, inits = load_task(suite, 0)
+def test_the_expert_solves_a_paraphrased_episode():
+    """(A swapped one: the suite-list test below.)"""
+    task, inits = load_task("libero_spatial_lan", 0)
     with LiberoEnv(task, "state", seed=7) as env:
         out = run_episode(env, ScriptedExpert(), inits[0], protocol=Protocol(max_steps=220), episode_id="t", seed=7)
     assert out.error is None and out.success
@@ -117,7 +117,7 @@ QUANTS = ("fp", "rtn_w8a8")
 def run_list(out, *overrides: str) -> None:
     proc = subprocess.run([sys.executable, str(MAIN), *overrides, f"suite=[{','.join(SUITES)}]", "tasks=[0]",
                            "num_envs=1", "progress=false", f"results_dir={out}"],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)  # fmt: skip
+                          capture_output=True, text=True, timeout=1200, cwd=ROOT)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
 
 
@@ -167,7 +167,7 @@ def check_rates_and_drops(view: dict, runs: dict) -> None:
 
 def test_the_expert_on_a_suite_list_gets_one_results_file_per_suite_and_a_robustness_row_each(expert_runs):
     check_one_file_per_suite(expert_runs)
-    assert all(successes(path)[0, 0] for path in expert_runs.values())  # init state 0 of task 0 is solved in both
+    assert all(successes(path)[0, 0] for path in expert_runs.values())  # the expert solves the base and the swap
     view = robustness_json(expert_runs)
     assert view["policy"] == "scripted_expert" and view["quants"] == ["fp"]
     check_rates_and_drops(view, expert_runs)
