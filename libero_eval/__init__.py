@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "compose": "configure", "build_run_config": "configure",
+    "compose": "configure", "build_run_config": "configure", "suite_runs": "configure",
     "RunConfig": "config", "QuantRunConfig": "config", "PolicyConfig": "config",
     "ConfigError": "errors", "fail": "errors",
     "Evaluation": "evaluate", "RunFailed": "evaluate",

@@ -2,10 +2,13 @@
 
     libero-eval policy=embedded quant=w4a8 suite=libero_spatial
     libero-eval -m quant=fp,w4a8 suite=libero_spatial,libero_object
+    libero-eval suite=libero_pro_spatial        # a group: the base suite and its perturbations, a run each
+    libero-eval suite=[libero_goal,libero_goal_swap]
 """
 
 from __future__ import annotations
 
+import copy
 import multiprocessing as mp
 import signal
 import sys
@@ -17,10 +20,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from libero_eval.configure import build_run_config, register_schema
+from libero_eval.configure import build_run_config, register_schema, suite_overrides, suite_runs
 from libero_eval.config import RunConfig
 from libero_eval.env import RenderingUnavailable
-from libero_eval.errors import fail, one_line
+from libero_eval.errors import ConfigError, fail, one_line
 from libero_eval.evaluate import Evaluation, ResumeMismatch, RunFailed
 from libero_eval.quantize import dry_run_report, quantizing
 from libero_eval.results import ResultsError
@@ -38,15 +41,49 @@ def save_hydra_files(dcfg: DictConfig, results_path: Path) -> None:
     OmegaConf.save(OmegaConf.create(list(HydraConfig.get().overrides.task)), folder / "overrides.yaml")
 
 
+def main() -> None:
+    """The command: a ``suite=`` that names no runnable suite is refused in one line before Hydra composes (which
+    would print its search path), and ``suite=[a,b]`` becomes ``suites=[a,b]``."""
+    try:
+        sys.argv[1:] = suite_overrides(sys.argv[1:])
+    except ConfigError as exc:
+        fail(str(exc))
+    run()
+
+
 @hydra.main(config_path="conf", config_name="config", version_base=None)
-def main(dcfg: DictConfig) -> Path | None:
+def run(dcfg: DictConfig) -> Path | None:
+    """One run, or for a multi-suite config (``suites``) one run per suite in order; returns the last results file."""
     if mp.get_start_method(allow_none=True) not in mp.get_all_start_methods():
         # A joblib launcher job runs in a loky worker whose default start method, "loky", is unknown to the env
         # worker processes it spawns (they would die at start-up): give them a standard one.
         mp.set_start_method("spawn", force=True)
+    overrides = HydraConfig.get().overrides.task
+    try:
+        runs = suite_runs(dcfg, overrides)
+        if len(runs) > 1 and dcfg.quant.save:
+            raise ConfigError("quant.save saves one calibrated model, but each suite of a multi-suite run calibrates its "
+                              "own: save from one suite's run, then run the suites with quant.load")  # fmt: skip
+        for member in runs[1:]:  # every suite's config is checked before the first one runs
+            build_run_config(copy.deepcopy(member), overrides)
+    except (ValueError, FileNotFoundError, OmegaConfBaseException) as exc:
+        fail(one_line(exc))
+    path = None
+    for i, member in enumerate(runs):
+        if len(runs) > 1:
+            print(f"suite {i + 1}/{len(runs)}: {member.suite.name}", flush=True)
+        path = run_one(member, overrides)
+        if path is None:  # a dry run lists the layers once
+            break
+    return path  # for the sweep index (libero_eval/sweep_index.py)
+
+
+def run_one(dcfg: DictConfig, overrides) -> Path | None:
+    """One suite's run: its results file, or None for a dry run. An interrupted run exits (130) saying how to resume
+    it, which for a multi-suite run also starts the suites after it."""
     # Set-up errors (bad values, unknown names, a scope that matches nothing) are the user's to fix: one line.
     try:
-        cfg, resolved = build_run_config(dcfg, HydraConfig.get().overrides.task)
+        cfg, resolved = build_run_config(dcfg, overrides)
         policy = make_policy(**asdict(cfg.policy))
         if cfg.quant.dry_run:
             print(dry_run_report(policy, cfg.quant))
@@ -78,10 +115,11 @@ def main(dcfg: DictConfig) -> Path | None:
     print(f"results: {path}")
     if evaluation.errors is not None:
         print(f"warning: {evaluation.errors} (not counted as policy failures)", file=sys.stderr)
-    if evaluation.status == "interrupted":
+    # A signal that came as the last episode ended leaves the run complete; it still ends a multi-suite run here.
+    if evaluation.status == "interrupted" or evaluation.stop.is_set():
         print(f"interrupted: continue with resume={path}", file=sys.stderr)
         sys.exit(130)
-    return path  # for the sweep index (libero_eval/sweep_index.py)
+    return path
 
 
 if __name__ == "__main__":  # python -m libero_eval.cli

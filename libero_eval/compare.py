@@ -48,10 +48,15 @@ class ErroredEpisodes(ValueError):
     """A run has episodes that could not be evaluated; comparing them as failures would misread them."""
 
 
-def label(doc: dict) -> str:
-    """Policy and the quant tag the run recorded (``QuantConfig.tag()``), e.g. ``embedded duquant_w4a8``."""
+def quant_tag(doc: dict) -> str:
+    """The quant tag the run recorded (``QuantConfig.tag()``), e.g. ``duquant_w4a8``."""
     quant = doc.get("quant") or {}
-    return f"{doc['policy']['name']} {quant.get('tag', quant.get('mode', 'fp'))}"
+    return quant.get("tag", quant.get("mode", "fp"))
+
+
+def label(doc: dict) -> str:
+    """Policy and quant tag, e.g. ``embedded duquant_w4a8``."""
+    return f"{doc['policy']['name']} {quant_tag(doc)}"
 
 
 def labels(docs: list[dict]) -> list[str]:
@@ -60,16 +65,17 @@ def labels(docs: list[dict]) -> list[str]:
     return names if len(set(names)) == len(names) else [doc["run_id"] for doc in docs]
 
 
-def check_protocols(paths: list[Path], docs: list[dict]) -> None:
+def check_protocols(paths: list[Path], docs: list[dict], ignore: tuple[str, ...] = ()) -> None:
     base = docs[0].get("protocol") or {}
     for path, doc in zip(paths[1:], docs[1:]):
         protocol = doc.get("protocol") or {}
         # A key one file does not record (written before it existed) cannot be checked.
-        recorded = [k for k in PROTOCOL_KEYS if k in base and k in protocol]
+        recorded = [k for k in PROTOCOL_KEYS if k in base and k in protocol and k not in ignore]
         diff = [f"{k} ({base[k]} vs {protocol[k]})" for k in recorded if base[k] != protocol[k]]
         if diff:
+            hint = "; --robustness compares suites" if "suite" in recorded and base["suite"] != protocol["suite"] else ""
             raise ProtocolMismatch(
-                f"{path} differs from {paths[0]} in protocol: {', '.join(diff)}; --force compares anyway"
+                f"{path} differs from {paths[0]} in protocol: {', '.join(diff)}; --force compares anyway{hint}"
             )
 
 
@@ -263,12 +269,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plot", type=Path, help="write a grouped bar chart (PNG) of the success rates")
     parser.add_argument("--force", action="store_true",
                         help="compare even when the protocols differ or a run has errored episodes (left out)")
+    parser.add_argument("--robustness", action="store_true",
+                        help="one policy's runs on base and perturbed suites: rows = suites, columns = quant modes")
     args = parser.parse_args(argv)
+    if args.robustness and args.plot:
+        fail("--plot draws the per-task view; --robustness has no plot")
     try:
         docs = [read_results(path) for path in args.results]
         if not args.force:
-            check_protocols(args.results, docs)
             check_errors(args.results, docs)
+        if args.robustness:
+            from libero_eval import robustness
+
+            return show_robustness(robustness.robustness(args.results, docs, check=not args.force), args.format,
+                                   warnings_for(args.results, docs))  # fmt: skip
+        if not args.force:
+            check_protocols(args.results, docs)
     except (ResultsError, ProtocolMismatch, ErroredEpisodes) as exc:
         fail(str(exc))
     result = compare(args.results, docs)
@@ -283,6 +299,19 @@ def main(argv: list[str] | None = None) -> None:
     if args.plot:
         plot(result, args.plot)
         print(f"plot: {args.plot}", file=sys.stderr)
+
+
+def show_robustness(result: dict, fmt: str, warnings: list[str]) -> None:
+    from libero_eval import robustness
+
+    for note in warnings:
+        print(f"warning: {note}", file=sys.stderr)
+    if fmt == "json":
+        print(json.dumps({**result, "warnings": warnings}, indent=1))
+    elif fmt == "csv":
+        print(robustness.render_csv(result))
+    else:
+        print((render_markdown if fmt == "markdown" else render_table)(robustness.grid(result)))
 
 
 if __name__ == "__main__":

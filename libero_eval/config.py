@@ -17,9 +17,9 @@ from omegaconf import MISSING
 from duquant import QuantConfig
 from libero_eval.env import RENDER_QUALITIES, RESETS
 from libero_eval.errors import ConfigError
+from libero_eval.suites import check_suite_names
 
-MAX_TRIALS_PER_TASK = 50  # every LIBERO suite ships 50 init states per task
-SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
+MAX_TRIALS_PER_TASK = 50  # every runnable suite ships 50 init states per task
 
 
 def parse_shard(shard: str | None) -> tuple[int, int]:
@@ -78,8 +78,7 @@ class SuiteConfig:
     num_tasks: int = MISSING
 
     def __post_init__(self) -> None:
-        if self.name not in SUITES:
-            raise ConfigError(f"unknown suite {self.name!r}; available: {', '.join(SUITES)}")
+        check_suite_names([self.name], key="suite.name")
         if self.max_steps < 1:
             raise ConfigError(f"suite.max_steps must be >= 1, got {self.max_steps}")
 
@@ -121,6 +120,9 @@ class RunConfig:
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     tasks: Optional[list[int]] = None  # None = every task of the suite
+    # A multi-suite run (suites=[a,b] or a group, suite=libero_pro_spatial): these suites one after another, each
+    # a run of its own with its own results file, which records the list (so resume=FILE continues the rest).
+    suites: Optional[list[str]] = None
     trials_per_task: int = MAX_TRIALS_PER_TASK  # episode i starts from init state i
     seed: int = 7
     video: bool = False
@@ -148,6 +150,10 @@ class RunConfig:
             raise ConfigError(f"abort_after_errors must be >= 0 (0 = never), got {self.abort_after_errors}")
         if not 1 <= self.trials_per_task <= MAX_TRIALS_PER_TASK:
             raise ConfigError(f"trials_per_task must be in 1..{MAX_TRIALS_PER_TASK}, got {self.trials_per_task}")
+        if self.suites is not None:
+            check_suite_names(self.suites, key="suites")
+            if len(set(self.suites)) != len(self.suites) or self.suite.name not in self.suites:
+                raise ConfigError(f"suites must list distinct suites, {self.suite.name} among them; got {self.suites}")
         bad = [t for t in self.task_ids if not 0 <= t < self.suite.num_tasks]
         if bad:
             raise ConfigError(f"task id(s) {bad} out of range for {self.suite.name} (0..{self.suite.num_tasks - 1})")

@@ -8,7 +8,9 @@ validation behave the same everywhere.
 
 from __future__ import annotations
 
+import copy
 import os
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,7 +23,9 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from libero_eval.config import RunConfig
+from libero_eval.errors import ConfigError
 from libero_eval.results import flatten_config, read_results
+from libero_eval.suites import check_suite_names
 
 CONFIG_MODULE = "libero_eval.conf"  # the repository's conf/, installed as package data
 _ABSENT = object()
@@ -33,11 +37,66 @@ def register_schema(name: str, node: type) -> None:
 
 
 def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
-    """``conf/<config_name>.yaml`` with ``overrides`` applied, outside ``@hydra.main``."""
+    """``conf/<config_name>.yaml`` with ``overrides`` applied (:func:`suite_overrides` first), outside
+    ``@hydra.main``."""
     register_schema("run_schema", RunConfig)
     GlobalHydra.instance().clear()
     with initialize_config_module(CONFIG_MODULE, version_base=None):
-        return hydra_compose(config_name, overrides=list(overrides))
+        return hydra_compose(config_name, overrides=suite_overrides(overrides))
+
+
+def suite_overrides(overrides: Sequence[str]) -> list[str]:
+    """The overrides with ``suite=[a,b]`` written as ``suites=[a,b]`` (a multi-suite run); a ``suite=`` name that is
+    unknown or cannot run raises :class:`ConfigError` listing the runnable ones, before Hydra looks for its file."""
+    out = []
+    for text in overrides:
+        if not text.startswith("suite="):
+            out.append(text)
+            continue
+        override = OverridesParser.create().parse_override(text)
+        value = override.value()
+        if isinstance(value, list):
+            check_suite_names(value, key="suites")
+            out.append(f"suites=[{','.join(value)}]")
+            continue
+        if override.is_choice_sweep() or not override.is_sweep_override():  # a glob matches existing files only
+            check_suite_names(override.sweep_string_iterator() if override.is_sweep_override() else [str(value)])
+        out.append(text)
+    return out
+
+
+def suite_file(name: str) -> DictConfig:
+    """A suite's own config, ``conf/suite/<name>.yaml``."""
+    return OmegaConf.create((files(CONFIG_MODULE) / "suite" / f"{name}.yaml").read_text())
+
+
+def suite_runs(dcfg: DictConfig, overrides: Sequence[str] = ()) -> list[DictConfig]:
+    """The runs a composed config stands for: itself, or for a multi-suite config (``suites``) one run per suite,
+    in order, each with that suite's own config plus the keys the given suite config sets differently from its
+    file (``suite.max_steps=10`` applies to every suite). ``resume=FILE`` of a multi-suite run continues the run
+    of FILE's suite, then starts the suites after it; those before it finished first (their files are complete)."""
+    if dcfg.resume is not None:
+        adopt_interrupted_config(dcfg, overrides)
+    if dcfg.suites is None:
+        return [dcfg]
+    names = list(dcfg.suites)
+    check_suite_names(names, key="suites")
+    first = names[0]
+    if dcfg.resume is not None:
+        first = (read_results(Path(user_path(dcfg.resume))).get("config") or {}).get("suite", {}).get("name")
+        if first not in names:
+            raise ConfigError(f"resume: {dcfg.resume} is a run of {first}, which suites={names} does not hold")
+    given = OmegaConf.to_container(dcfg.suite)
+    own = OmegaConf.to_container(suite_file(given["name"]))
+    changed = {k: v for k, v in given.items() if k != "name" and own.get(k) != v}
+    runs = []
+    for name in names[names.index(first):]:
+        run = copy.deepcopy(dcfg)
+        for key, value in {**OmegaConf.to_container(suite_file(name)), **changed}.items():
+            run.suite[key] = value
+        run.resume = dcfg.resume if name == first else None
+        runs.append(run)
+    return runs
 
 
 def user_path(value: str | None) -> str | None:

@@ -7,6 +7,7 @@ every policy, demo collector and benchmark sees identical observations.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -21,6 +22,7 @@ if os.environ.get("CUDA_VISIBLE_DEVICES") == "":
 import numpy as np
 from PIL import Image
 
+from libero_eval.suites import base_suite
 from policies.base import ObsMode
 
 DUMMY_ACTION = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0)
@@ -74,15 +76,51 @@ class Task:
     bddl_path: str
 
 
+@functools.lru_cache(maxsize=None)
+def _benchmark(suite: str):
+    from libero.libero import benchmark
+
+    return benchmark.get_benchmark_dict()[suite]()
+
+
+def _task_spec(suite: str, task_id: int):
+    """The benchmark's task record, its BDDL path and the suite's benchmark."""
+    from libero.libero import get_libero_path
+
+    bench = _benchmark(suite)
+    spec = bench.get_task(task_id)
+    return spec, os.path.join(get_libero_path("bddl_files"), spec.problem_folder, spec.bddl_file), bench
+
+
+def _bddl_language(bddl: str) -> str:
+    from libero.libero.envs.bddl_utils import get_problem_info
+
+    return get_problem_info(bddl)["language_instruction"]
+
+
+def instruction(suite: str, spec, bddl: str) -> str:
+    """The instruction a policy gets: the benchmark's (openpi's choice) for a base suite, and for a perturbed one
+    too unless its BDDL file changes the instruction (LIBERO-PRO's ``_lan`` and ``_task`` suites): the benchmark
+    names tasks from their file names, which the perturbed suites keep, so only the BDDL has the new words."""
+    base = base_suite(suite)
+    base_id = spec_index(base, spec.name) if base != suite else None
+    if base_id is None:  # a base suite, or a suite whose tasks are named apart (another scene): its own language
+        return spec.language
+    language = _bddl_language(bddl)
+    return spec.language if language == _bddl_language(_task_spec(base, base_id)[1]) else language
+
+
+def spec_index(suite: str, name: str) -> int | None:
+    """The id of the task called ``name`` in ``suite``, if it has one."""
+    bench = _benchmark(suite)
+    return next((i for i in range(bench.get_num_tasks()) if bench.get_task(i).name == name), None)
+
+
 def load_task(suite: str, task_id: int) -> tuple[Task, np.ndarray]:
     """The task and its init states, from the files the libero package bundles."""
     _quiet_robosuite()
-    from libero.libero import benchmark, get_libero_path
-
-    bench = benchmark.get_benchmark_dict()[suite]()
-    spec = bench.get_task(task_id)
-    bddl = os.path.join(get_libero_path("bddl_files"), spec.problem_folder, spec.bddl_file)
-    task = Task(suite, task_id, spec.name, spec.language, bddl)
+    spec, bddl, bench = _task_spec(suite, task_id)
+    task = Task(suite, task_id, spec.name, instruction(suite, spec, bddl), bddl)
     return task, np.asarray(bench.get_task_init_states(task_id))
 
 
