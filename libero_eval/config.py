@@ -161,3 +161,11 @@ class RunConfig:
     @property
     def task_ids(self) -> list[int]:
         return list(range(self.suite.num_tasks)) if self.tasks is None else list(self.tasks)
+
+
+def recorded_defaults() -> dict:
+    """Every key's default as a results file records it: a file written before a key existed lacks it, and a
+    resume or a merge takes it as this default."""
+    top = {f.name: f.default for f in dataclasses.fields(RunConfig) if f.default is not dataclasses.MISSING}
+    groups = {"quant": QuantRunConfig(), "protocol": ProtocolConfig(), "calibration": CalibrationConfig()}
+    return {**top, **{name: dataclasses.asdict(value) for name, value in groups.items()}}

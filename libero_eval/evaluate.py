@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from libero_eval.config import RunConfig, parse_shard
+from libero_eval.config import RunConfig, parse_shard, recorded_defaults
 from libero_eval.plan import EpisodePlan, Job, ResumeMismatch
 from libero_eval.quantize import CalibratingPolicy
 from libero_eval.record import Recorder
@@ -101,7 +101,7 @@ class Evaluation:
     def _resumed_results(self) -> ResultsFile:
         results = ResultsFile.load(Path(self.cfg.resume))
         # Only how the run executes may change (a quantized run calibrates on one worker whatever their count).
-        diff = config_differences(results.header.get("config") or {}, self.resolved_config)
+        diff = config_differences(results.header.get("config") or {}, self.resolved_config, defaults=recorded_defaults())
         if diff:
             raise ResumeMismatch(f"resume: config differs from the interrupted run in {', '.join(diff)}")
         return results

@@ -15,6 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
+from libero_eval.config import recorded_defaults
 from libero_eval.errors import fail
 from libero_eval.results import (
     EXECUTION_KEYS,
@@ -39,7 +40,7 @@ def check_compatible(paths: list[Path], docs: list[dict]) -> None:
     """Refuse shards that are not pieces of one evaluation."""
     base_path, base = paths[0], docs[0]
     for path, doc in zip(paths[1:], docs[1:]):
-        diff = config_differences(base["config"], doc["config"], MERGE_FREE_KEYS)
+        diff = config_differences(base["config"], doc["config"], MERGE_FREE_KEYS, recorded_defaults())
         if diff:
             raise MergeRefused(
                 f"{path} is not a shard of the same run as {base_path}: config differs in {', '.join(diff)}"

@@ -33,11 +33,23 @@ SIMULATOR_KEYS = ("mujoco", "robosuite", "libero")
 EXECUTION_KEYS = ("resume", "progress", "num_envs", "join_rounds", "step_timeout_s", "abort_after_errors")
 
 
-def config_differences(a: dict, b: dict, ignore: tuple[str, ...] = EXECUTION_KEYS) -> list[str]:
+def config_differences(
+    a: dict, b: dict, ignore: tuple[str, ...] = EXECUTION_KEYS, defaults: dict | None = None
+) -> list[str]:
     """The keys, dotted (``suite.max_steps``), whose values differ between two recorded configs, top-level
-    ``ignore`` keys aside."""
+    ``ignore`` keys aside. With ``defaults`` (a config of default values), a key only one config has (the other
+    was written before the key existed) differs only when its value is not the default."""
     flat_a, flat_b = (flatten_config({k: v for k, v in c.items() if k not in ignore}) for c in (a, b))
-    return sorted(k for k in flat_a.keys() | flat_b.keys() if flat_a.get(k) != flat_b.get(k))
+    known = flatten_config(defaults or {})
+    missing = object()
+
+    def differs(key: str) -> bool:
+        va, vb = flat_a.get(key, missing), flat_b.get(key, missing)
+        if missing in (va, vb) and key in known:
+            return (vb if va is missing else va) != known[key]
+        return va != vb
+
+    return sorted(k for k in flat_a.keys() | flat_b.keys() if differs(k))
 
 
 def flatten_config(config: dict, prefix: str = "") -> dict:

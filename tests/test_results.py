@@ -77,3 +77,18 @@ def test_a_resume_file_of_random_bytes_is_named(tmp_path):
                           capture_output=True, text=True, timeout=120, cwd=ROOT)  # fmt: skip
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert str(path) in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_key_added_after_a_file_was_written_differs_only_when_not_its_default():
+    """A results file from before quant.backend, quant.load/save or suites existed still resumes and merges with
+    them at their defaults, and not with another value."""
+    from libero_eval.config import recorded_defaults
+    from libero_eval.results import config_differences
+
+    old = {"seed": 7, "quant": {"mode": "duquant", "w_bits": 4}}
+    new = {"seed": 7, "suites": None, "quant": {"mode": "duquant", "w_bits": 4, "backend": "fake", "load": None}}
+    assert config_differences(old, new, defaults=recorded_defaults()) == []
+    assert config_differences(new, old, defaults=recorded_defaults()) == []
+    changed = {**new, "quant": {**new["quant"], "backend": "int"}}
+    assert config_differences(old, changed, defaults=recorded_defaults()) == ["quant.backend"]
+    assert config_differences(old, new) == ["quant.backend", "quant.load", "suites"]  # without defaults: as before
