@@ -27,6 +27,7 @@ from libero_eval.errors import ConfigError, fail, one_line
 from libero_eval.evaluate import Evaluation, ResumeMismatch, RunFailed
 from libero_eval.quantize import dry_run_report, quantizing
 from libero_eval.results import ResultsError
+from libero_eval.scheduler import EnvStartFailed
 from policies import make_policy
 
 register_schema("run_schema", RunConfig)
@@ -103,7 +104,7 @@ def run_one(dcfg: DictConfig, overrides) -> Path | None:
     signal.signal(signal.SIGTERM, request_stop)
     try:
         path = evaluation.run()
-    except (RenderingUnavailable, ResumeMismatch, ResultsError, FileNotFoundError) as exc:
+    except (RenderingUnavailable, EnvStartFailed, ResumeMismatch, ResultsError, FileNotFoundError) as exc:
         fail(str(exc))
     except RunFailed as exc:
         fail(f"{exc}; run marked failed in {evaluation.results_path}")

@@ -66,6 +66,10 @@ class _Running:
     started: float
 
 
+class EnvStartFailed(RuntimeError):
+    """A simulator worker could not build the run's first env (before any episode ran)."""
+
+
 class Scheduler:
     def __init__(
         self,
@@ -81,13 +85,17 @@ class Scheduler:
         self._order = itertools.count()
 
     def prepare(self, task_id: int) -> None:
-        """Every worker builds the task's env now: a rendering failure is raised before anything is written."""
+        """Every worker builds the task's env now: a rendering failure, or a worker that cannot build it in time,
+        is raised before anything is written."""
         for worker in self.workers:
             worker.submit(Prepare(task_id))
         while any(w.busy for w in self.workers):
             for _, reply in self._replies():
                 if isinstance(reply, CommandFailed):
-                    raise (RenderingUnavailable if reply.rendering else RuntimeError)(reply.message)
+                    if reply.rendering:
+                        raise RenderingUnavailable(reply.message)
+                    hint = "; on a loaded machine raise step_timeout_s" if "WorkerTimeout" in reply.message else ""
+                    raise EnvStartFailed(f"the simulator could not build task {task_id}'s env ({reply.message}){hint}")
 
     def run(self, jobs: Iterator[Job], serial: Callable[[], bool] = lambda: False) -> Iterator[Finished]:
         """Run ``jobs`` and yield each episode as it finishes; a set stop event raises KeyboardInterrupt."""
