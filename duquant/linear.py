@@ -141,7 +141,7 @@ class DuQuantLinear(nn.Module):
 
     def _int_kernel(self) -> Optional[Int8Matmul]:
         """Integer activations: the int8 GEMM. Weight-only: none, the packed codes are dequantized at use (torch's
-        packed-int4 CPU kernel was measured 10-50x slower than that here in float32; docs/integer.md)."""
+        packed-int4 CPU kernel took 190 ms where FP32 took 4 ms here, with float32 inputs; docs/integer.md)."""
         return Int8Matmul(self._signed_codes().to(torch.int8)) if self.bits.a_bits < 16 else None
 
     def _set_weight(self, weight: Optional[torch.Tensor], persistent: bool) -> None:
