@@ -13,11 +13,14 @@ QUANTS="${QUANTS:-fp w4a8}"
 SLICE=(policy=embedded suite=libero_spatial "tasks=[0,1,2]" trials_per_task=4)
 
 runs=()
+view=()
 for quant in $QUANTS; do
   echo "== quant=$quant"
-  out=$("$PY" examples/libero/main.py "${SLICE[@]}" quant="$quant" "$@" | tee /dev/stderr | sed -n 's/^results: //p')
-  [ -n "$out" ] || { echo "error: the quant=$quant run wrote no results" >&2; exit 1; }
-  runs+=("$out")
+  # A multi-suite run (suite=libero_pro_spatial, suite=[a,b]) prints a results line per suite.
+  mapfile -t out < <("$PY" examples/libero/main.py "${SLICE[@]}" quant="$quant" "$@" | tee /dev/stderr | sed -n 's/^results: //p')
+  [ "${#out[@]}" -gt 0 ] || { echo "error: the quant=$quant run wrote no results" >&2; exit 1; }
+  [ "${#out[@]}" -gt 1 ] && view=(--robustness)
+  runs+=("${out[@]}")
 done
 echo
-"$PY" -m libero_eval.compare "${runs[@]}"
+"$PY" -m libero_eval.compare "${view[@]}" "${runs[@]}"
