@@ -59,27 +59,14 @@ def save_quantized(model: nn.Module, directory: Path | str, metadata: Optional[d
 
 def read_metadata(directory: Path | str) -> dict[str, Any]:
     """The caller's metadata of a saved model (cheap: the header only)."""
-    path = _path(directory)
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            header = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise QuantizedCheckpointError(f"{path} is not a readable quantized model ({err})") from None
-    _check_format(path, header)
+    _, header, _ = _open(directory, tensors=False)
     return json.loads(header["metadata"])
 
 
 def load_quantized(model: nn.Module, directory: Path | str, backend: str = "fake") -> dict[str, Any]:
     """Replace the saved layers of ``model`` (a freshly built FP model, or one already set up by ``quantize_``)
     by the saved quantized layers, computing with ``backend``; returns the saved metadata."""
-    path = _path(directory)
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            header = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise QuantizedCheckpointError(f"{path} is not a readable quantized model ({err})") from None
-    _check_format(path, header)
+    path, header, tensors = _open(directory, tensors=True)
     if header.get("sha256") != content_sha256(tensors):
         raise QuantizedCheckpointError(f"{path} is damaged: its tensors do not match the sha256 in its metadata")
     modules = dict(model.named_modules())
@@ -102,6 +89,19 @@ def _swap(model: nn.Module, linear: nn.Linear, state: dict, backend: str) -> DuQ
     layer = DuQuantLinear(linear, state["mode"], LayerBits(**state["bits"]), backend=backend)
     _replace(model, linear, layer)
     return layer
+
+
+def _open(directory: Path | str, tensors: bool) -> tuple[Path, dict, dict]:
+    """(path, header, tensors if asked) of a saved model, its format checked."""
+    path = _path(directory)
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            header = f.metadata() or {}
+            loaded = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise QuantizedCheckpointError(f"{path} is not a readable quantized model ({err})") from None
+    _check_format(path, header)
+    return path, header, loaded
 
 
 def _path(directory: Path | str) -> Path:

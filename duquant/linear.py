@@ -116,7 +116,7 @@ class DuQuantLinear(nn.Module):
         """u - zero per row [C_out, width] int16: the integer weight the kernels multiply."""
         if self.kernel is not None:
             return self.kernel.weight().to(torch.int16)
-        unsigned = codes.load(self.qweight, self.bits.w_bits, self.transform().width)
+        unsigned = codes.load(self.qweight, self.bits.w_bits, self.width)
         return unsigned.to(torch.int16) - self.w_zero.to(torch.int16)[:, None]
 
     def _derive(self) -> None:

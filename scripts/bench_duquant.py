@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from duquant import DuQuantLinear, LayerSelection, QuantConfig, quantize_, select_layers
+from duquant import Calibration, DuQuantLinear, LayerSelection, QuantConfig, quantize_, select_layers
 from duquant.quantizer import fake_quant
 from duquant.transform import Transform, fit_transform
 
@@ -95,14 +95,20 @@ def config(variant: str) -> QuantConfig:
     return QuantConfig(**BASE, w_bits=w_bits, a_bits=a_bits, backend=backend)
 
 
-def quantized_layer(fp: nn.Linear, variant: str, probe: torch.Tensor) -> DuQuantLinear:
-    """A DuQuant copy of ``fp`` for ``variant``, calibrated on ``probe``."""
+def calibrating_copy(fp: nn.Linear, cfg: QuantConfig, probe: torch.Tensor) -> tuple[DuQuantLinear, Calibration]:
+    """A DuQuant copy of ``fp`` that has recorded ``probe``, and its calibration handle (not finished yet)."""
     model = nn.Sequential(nn.Linear(fp.in_features, fp.out_features)).to(probe.device)
     model.load_state_dict({f"0.{k}": v for k, v in fp.state_dict().items()})
-    calibration = quantize_(model, config(variant), LayerSelection())
+    calibration = quantize_(model, cfg, LayerSelection())
     model(probe)
+    return model[0], calibration
+
+
+def quantized_layer(fp: nn.Linear, variant: str, probe: torch.Tensor) -> DuQuantLinear:
+    """A DuQuant copy of ``fp`` for ``variant``, calibrated on ``probe``."""
+    layer, calibration = calibrating_copy(fp, config(variant), probe)
     calibration.finish()
-    return model[0]
+    return layer
 
 
 def resident_bytes(layer: nn.Module) -> dict[str, int]:
@@ -125,11 +131,7 @@ def resident_bytes(layer: nn.Module) -> dict[str, int]:
 def naive_reference(fp: nn.Linear, probe: torch.Tensor) -> "NaiveDuQuant":
     """The naive port with the same fitted transform as the W4A8 layer (checked to agree with it)."""
     cfg = config("fake_w4a8")
-    model = nn.Sequential(nn.Linear(fp.in_features, fp.out_features)).to(probe.device)
-    model.load_state_dict({f"0.{k}": v for k, v in fp.state_dict().items()})
-    calibration = quantize_(model, cfg, LayerSelection())
-    model(probe)
-    layer = model[0]
+    layer, calibration = calibrating_copy(fp, cfg, probe)
     transform = fit_transform(cfg, layer.bits, layer.weight, layer.stats.channel_max, layer.stats.sample)
     calibration.finish()
     naive = NaiveDuQuant(fp, transform, cfg)
