@@ -36,7 +36,7 @@ $(LEROBOT_VENV)/.installed: pyproject.toml
 	@test -n "$(PYTHON312)" || { echo "install-lerobot needs Python 3.12: install it (e.g. pyenv install 3.12) or pass PYTHON312=/path/to/python3.12"; exit 1; }
 	$(PYTHON312) -m venv $(LEROBOT_VENV)
 	$(LEROBOT_PY) -m pip install -q --upgrade pip
-	$(LEROBOT_PY) -m pip install -q -e ".[lerobot,remote]" "pytest>=8"
+	$(LEROBOT_PY) -m pip install -q -e ".[lerobot]" "pytest>=8"
 	touch $@
 
 install-numpy1: $(NUMPY1_VENV)/.installed

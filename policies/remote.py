@@ -255,7 +255,7 @@ class RemotePolicy(Policy):
             return
         raise PolicyServerError(
             f"no policy server at {self.address} after {self._connect_attempts} attempts "
-            f"({type(error).__name__}: {error}); start one with scripts/serve_policy.py"
+            f"({type(error).__name__}: {error}); start one with libero-eval-serve"
         )
 
     @staticmethod
