@@ -17,14 +17,15 @@ def state_dict_mismatch(err: BaseException, shown: int = 3) -> str | None:
     if "Error(s) in loading state_dict" not in text and "size mismatch for" not in text:
         return None
     resized = [f"{name} (file {file}, model {model})" for name, file, model in _SIZE.findall(text)]
-    parts = [_listed(f"{len(resized)} resized", resized, shown)] if resized else []
+    parts = [listed_names(f"{len(resized)} resized", resized, shown)] if resized else []
     for kind, keys in _KEYS.findall(text):
         names = re.findall(r'"([^"]+)"', keys)
-        parts.append(_listed(f"{len(names)} {kind.lower()}", names, shown))
+        parts.append(listed_names(f"{len(names)} {kind.lower()}", names, shown))
     return "; ".join(parts) if parts else text.splitlines()[0]
 
 
-def _listed(what: str, names: list[str], shown: int) -> str:
+def listed_names(what: str, names: list[str], shown: int = 3) -> str:
+    """``what: a, b, c and 5 more``: a long list of tensor names kept to one readable line."""
     more = f" and {len(names) - shown} more" if len(names) > shown else ""
     return f"{what}: {', '.join(names[:shown])}{more}"
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from policies.base import ACTION_DIM, STATE_DIM, ObservationBatch, ObsMode, Policy, file_sha256, resolve_device
-from policies.checkpoints import check_sha256, expected_sha256
+from policies.checkpoints import check_sha256, expected_sha256, listed_names, state_dict_mismatch
 from policies.noise import episode_noise
 from policies.openpi_policy import scope_presets as openpi_scope_presets
 from policies.optional import DependencyUnavailable, import_optional
@@ -285,12 +284,10 @@ def _load_checked(policy_class, path: Path, config):
     try:
         policy = policy_class.from_pretrained(path, config=config)
     except RuntimeError as err:  # torch's load_state_dict refuses shape mismatches whatever ``strict`` says
-        mismatch = re.search(r"size mismatch for [^\n]*", str(err))
+        mismatch = state_dict_mismatch(err)
         if mismatch is None:
             raise
-        raise LeRobotCheckpointError(
-            f"{path}/model.safetensors does not fit its config.json: {mismatch.group(0)}"
-        ) from None
+        raise LeRobotCheckpointError(f"{path}/model.safetensors does not fit its config.json: {mismatch}") from None
     _verify_weights(policy, path)
     return policy
 
@@ -320,10 +317,7 @@ def _verify_weights(policy: torch.nn.Module, path: Path) -> None:
                 ("was not loaded into the model: it differs in", differ))  # fmt: skip
     for problem, keys in problems:
         if keys:
-            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
-            raise LeRobotCheckpointError(
-                f"{path}/model.safetensors {problem} {len(keys)} tensors: {', '.join(keys[:3])}{more}"
-            )
+            raise LeRobotCheckpointError(f"{path}/model.safetensors {problem} {listed_names(f'{len(keys)} tensors', keys)}")
 
 
 def _loaded_as(policy: torch.nn.Module, key: str, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:

@@ -87,7 +87,7 @@ def test_refuses_weights_that_do_not_match_the_model(checkpoint, tmp_path):
     tensors = load_file(checkpoint / "model.safetensors")
     tensors["model.state_proj.bias"] = torch.zeros(3)
     save_file(tensors, path / "model.safetensors")
-    assert "does not fit its config.json: size mismatch for model.state_proj.bias" in refusal("lerobot_smolvla", path)
+    assert "does not fit its config.json: 1 resized: model.state_proj.bias (file [3], model [" in refusal("lerobot_smolvla", path)
 
     tensors = load_file(checkpoint / "model.safetensors")
     tensors["model.extra.weight"] = torch.zeros(2)
