@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from libero_eval.configure import build_run_config, register_schema, suite_overrides, suite_runs
+from libero_eval.configure import build_run_config, check_overrides, register_schema, suite_overrides, suite_runs
 from libero_eval.config import RunConfig
 from libero_eval.env import RenderingUnavailable
 from libero_eval.errors import ConfigError, fail, one_line
@@ -43,10 +43,12 @@ def save_hydra_files(dcfg: DictConfig, results_path: Path) -> None:
 
 
 def main() -> None:
-    """The command: a ``suite=`` that names no runnable suite is refused in one line before Hydra composes (which
-    would print its search path), and ``suite=[a,b]`` becomes ``suites=[a,b]``."""
+    """The command: overrides that do not compose (an unknown suite, option or key, a value of the wrong type) are
+    refused in one line before Hydra starts (which would print its search path), and ``suite=[a,b]`` becomes
+    ``suites=[a,b]``."""
     try:
         sys.argv[1:] = suite_overrides(sys.argv[1:])
+        check_overrides(sys.argv[1:])
     except ConfigError as exc:
         fail(str(exc))
     run()

@@ -15,6 +15,7 @@ from typing import Optional
 from omegaconf import MISSING
 
 from duquant import QuantConfig
+from duquant.config import OFF
 from libero_eval.env import RENDER_QUALITIES, RESETS
 from libero_eval.errors import ConfigError
 from libero_eval.suites import check_suite_names
@@ -61,6 +62,10 @@ class QuantRunConfig(QuantConfig):
             raise ConfigError(f"quant.calib_steps must be an integer >= 1, got {self.calib_steps!r}")
         if not self.scope:
             raise ConfigError("quant.scope must be a non-empty preset name, got ''")
+        if self.mode == "fp" and (self.w_bits, self.a_bits) != (OFF, OFF):
+            # Otherwise the run is full precision while its results record the bits the user asked for.
+            raise ConfigError(f"quant.mode=fp quantizes nothing, yet asks for W{self.w_bits}A{self.a_bits}: choose a "
+                              "quantized mode (e.g. quant=w4a8 or quant=rtn_w4a8) or leave w_bits and a_bits at 16")  # fmt: skip
         if self.mode == "fp" and (self.load or self.save):
             raise ConfigError("quant.load and quant.save need a quantized mode; quant=fp has nothing to load or save")
         if self.load and self.save:

@@ -19,11 +19,13 @@ from hydra import initialize_config_module
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from libero_eval.config import RunConfig
-from libero_eval.errors import ConfigError
+from libero_eval.errors import ConfigError, one_line
 from libero_eval.results import flatten_config, read_results
 from libero_eval.suites import check_suite_names
 
@@ -38,11 +40,14 @@ def register_schema(name: str, node: type) -> None:
 
 def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
     """``conf/<config_name>.yaml`` with ``overrides`` applied (:func:`suite_overrides` first), outside
-    ``@hydra.main``."""
+    ``@hydra.main``; overrides that do not compose raise a one-line :class:`ConfigError`."""
     register_schema("run_schema", RunConfig)
     GlobalHydra.instance().clear()
     with initialize_config_module(CONFIG_MODULE, version_base=None):
-        return hydra_compose(config_name, overrides=suite_overrides(overrides))
+        try:
+            return hydra_compose(config_name, overrides=suite_overrides(overrides))
+        except (HydraException, OmegaConfBaseException) as exc:  # Hydra's message is several lines
+            raise ConfigError(_composition_error(exc)) from None
 
 
 def suite_overrides(overrides: Sequence[str]) -> list[str]:
@@ -63,6 +68,38 @@ def suite_overrides(overrides: Sequence[str]) -> list[str]:
             check_suite_names(override.sweep_string_iterator() if override.is_sweep_override() else [str(value)])
         out.append(text)
     return out
+
+
+def check_overrides(argv: Sequence[str]) -> None:
+    """Compose the command line's config before Hydra starts: once, or in a multirun once per value of each
+    choice sweep (``quant=fp,w5a8``), so that an unknown option or key, or a value of the wrong type, is one
+    :class:`ConfigError` (Hydra would print several lines and exit 1, and a multirun would find it only when it
+    reaches that job). Hydra's own flags and ``hydra.*`` overrides are left to Hydra."""
+    flags = [arg for arg in argv if arg.startswith("-")]
+    if any(flag not in ("-m", "--multirun") for flag in flags):
+        return  # another config file or a Hydra command (--cfg, --help, ...): nothing to pre-compose
+    overrides = [arg for arg in argv if not arg.startswith("-") and not arg.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    if not flags:
+        compose(overrides)
+        return
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as exc:
+        raise ConfigError(_composition_error(exc)) from None
+    fixed = [text for text, o in zip(overrides, parsed) if not o.is_sweep_override()]
+    values = [[f"{o.get_key_element()}={v}"] for o in parsed if o.is_choice_sweep() for v in o.sweep_string_iterator()]
+    for variant in [[], *values]:
+        compose([*fixed, *variant])
+
+
+def _composition_error(exc: BaseException) -> str:
+    line = one_line(exc)
+    if getattr(exc, "override", None):  # Hydra's parser names neither the override nor its grammar in one line
+        return f"cannot parse the override {exc.override!r}: {line} (grammar: https://hydra.cc/docs/advanced/override_grammar/basic)"
+    if line.startswith("Ambiguous value"):  # Hydra's hint, in one line
+        return f"{line}: sweep it with -m, write a list as key=[a,b] or quote a string as key=\\'a,b\\'"
+    options = getattr(exc, "options", None)  # a group option that does not exist: say which do
+    return line + (f"; available: {', '.join(options)}" if options else "")
 
 
 def suite_file(name: str) -> DictConfig:

@@ -37,6 +37,8 @@ def layer_selection(policy: Policy, cfg: QuantRunConfig) -> LayerSelection:
 
 def dry_run_report(policy: Policy, cfg: QuantRunConfig) -> str:
     """The dry run's output: one line per layer the config would quantize, then a count."""
+    if cfg.mode == "fp":
+        return "0 layers would be quantized (quant=fp keeps the policy in full precision)"
     lines = []
     for name, layer in select_layers(_module_of(policy), layer_selection(policy, cfg)):
         lines.append(f"{name}  [{layer.out_features} x {layer.in_features}]  {cfg.layer_bits(name).tag()}")

@@ -52,6 +52,9 @@ def unrunnable_reason(name: str) -> str | None:
 
 def check_suite_names(names: Iterable[str], key: str = "suite") -> None:
     """Refuse, in one line listing the runnable suites and groups, a name that is unknown or cannot run."""
+    names = list(names)
+    if not names:
+        raise ConfigError(f"{key} lists no suite; give one (suite=libero_spatial) or several (suite=[a,b])")
     for name in names:
         if name in SUITES or (key == "suite" and name in GROUPS):
             continue

@@ -218,9 +218,18 @@ def test_no_server_is_a_bounded_one_line_failure():
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_server_refuses_a_bad_port_in_one_line():
-    proc = subprocess.run([str(SERVE), "port=70000"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and proc.stderr.strip() == "error: port must be in 0..65535, got 70000"
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("port=70000", "error: port must be in 0..65535, got 70000"),
+        ("quant=w5a8", "error: In 'serve': Could not find 'quant/w5a8'; available: fp,"),  # Hydra's, in one line
+        ("seed=1", "error: Could not override 'seed': Key 'seed' not in 'ServeConfig'"),
+    ],
+)
+def test_server_refuses_a_bad_config_in_one_line(override, message):
+    proc = subprocess.run([str(SERVE), override], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith(message)
 
 
 # -- limits and the shared key ---------------------------------------------------------------------------------------
