@@ -17,6 +17,7 @@ import argparse
 import csv
 import io
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -235,6 +236,9 @@ def render_csv(result: dict) -> str:
     return out.getvalue().rstrip("\n")
 
 
+PLOT_FORMATS = (".png", ".pdf", ".svg")
+
+
 def plot(result: dict, path: Path) -> None:
     """Grouped bars: success rate per task and overall, one bar per run, Wilson 95% intervals as error bars."""
     import matplotlib
@@ -266,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", nargs="+", type=Path, help="results JSON files; the first is the baseline")
     parser.add_argument("--format", choices=FORMATS, default="table")
-    parser.add_argument("--plot", type=Path, help="write a grouped bar chart (PNG) of the success rates")
+    parser.add_argument("--plot", type=Path, help="write a grouped bar chart (.png, .pdf or .svg) of the success rates")
     parser.add_argument("--force", action="store_true",
                         help="compare even when the protocols differ or a run has errored episodes (left out)")
     parser.add_argument("--robustness", action="store_true",
@@ -274,6 +278,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.robustness and args.plot:
         fail("--plot draws the per-task view; --robustness has no plot")
+    if args.plot and args.plot.suffix.lower() not in PLOT_FORMATS:
+        fail(f"--plot writes {', '.join(PLOT_FORMATS)}: give a path ending in one of them, got {args.plot}")
+    folder = args.plot.parent if args.plot else None
+    if folder and not (folder.is_dir() and os.access(folder, os.W_OK)):
+        fail(f"--plot {args.plot}: {folder} is not a folder this user can write into")
     try:
         docs = [read_results(path) for path in args.results]
         if not args.force:
@@ -297,7 +306,10 @@ def main(argv: list[str] | None = None) -> None:
     else:
         print((render_markdown if args.format == "markdown" else render_table)(grid(result)))
     if args.plot:
-        plot(result, args.plot)
+        try:
+            plot(result, args.plot)
+        except OSError as exc:  # e.g. a full disk
+            fail(f"cannot write the plot {args.plot}: {exc.strerror or exc}")
         print(f"plot: {args.plot}", file=sys.stderr)
 
 

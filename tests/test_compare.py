@@ -115,6 +115,14 @@ def test_plot_writes_a_png(tmp_path, pair):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and image.shape[0] > 100 and image.shape[1] > 100
 
 
+@pytest.mark.parametrize("where, message", [("missing/success.png", "is not a folder this user can write into"),
+                                             ("success.jpg", "--plot writes .png, .pdf, .svg")])  # fmt: skip
+def test_a_plot_that_cannot_be_written_is_refused_in_one_line(tmp_path, pair, where, message):
+    proc = compare(*map(str, pair), "--plot", str(tmp_path / where))
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert message in proc.stderr and not proc.stdout  # refused before the comparison is printed
+
+
 def test_errored_episodes_are_refused_then_left_out_with_force(tmp_path, pair):
     """An episode whose policy call raised is no policy failure: counting it as one would fake a quantization loss."""
     base, _ = pair
