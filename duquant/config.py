@@ -168,8 +168,12 @@ class QuantConfig:
         return {f.name: dataclasses.asdict(self)[f.name] for f in dataclasses.fields(QuantConfig)}
 
     def tag(self) -> str:
-        """Short name of the setting for file names and tables: ``fp`` or e.g. ``duquant_w4a8``."""
-        return "fp" if self.mode == "fp" else f"{self.mode}_w{self.w_bits}a{self.a_bits}"
+        """Short name of the setting for file names and tables: ``fp``, e.g. ``duquant_w4a8``, or with a weight
+        quantizer other than the default ``duquant_w4a8_gptq`` (so tables tell those runs apart)."""
+        if self.mode == "fp":
+            return "fp"
+        weights = "" if self.w_quantizer == "minmax" else f"_{self.w_quantizer}"
+        return f"{self.mode}_w{self.w_bits}a{self.a_bits}{weights}"
 
     def layer_bits(self, name: str) -> LayerBits:
         """Bit widths and quantizer settings for the layer called ``name``.

@@ -173,3 +173,11 @@ def test_rotation_patience_returns_a_prefix_of_the_full_search_and_all_of_it_whe
         return (x @ r[0]).abs().max().item()
 
     assert peak(full) <= peak(early) < 0.5 * x.abs().max().item()
+
+
+def test_the_tag_names_a_weight_quantizer_other_than_the_default():
+    """File names and comparison columns must tell a GPTQ run from a minmax one of the same mode and bits."""
+    cfg = QuantConfig(mode="duquant", w_bits=4, a_bits=8)
+    tags = [dataclasses.replace(cfg, w_quantizer=q).tag() for q in ("minmax", "mse", "gptq")]
+    assert tags == ["duquant_w4a8", "duquant_w4a8_mse", "duquant_w4a8_gptq"]
+    assert QuantConfig(mode="fp", w_bits=16, a_bits=16, w_quantizer="gptq").tag() == "fp"
