@@ -160,9 +160,16 @@ def check_writable(folder: Path, key: str) -> None:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if existing.exists() and not existing.is_dir():
-        raise ValueError(f"{key}={folder} cannot be a results folder: {existing} is a file")
+        raise ValueError(f"{key}={folder} cannot be a folder: {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"{key}={folder} is not writable ({existing} refuses writes: read-only or not yours)")
+
+
+def check_save_folder(save: str | None) -> None:
+    """``quant.save`` is written only after calibration: a folder that cannot take it is refused before anything
+    loads, not after the calibration it would have kept."""
+    if save is not None:
+        check_writable(Path(save), "quant.save")
 
 
 def build_run_config(dcfg: DictConfig, overrides: Sequence[str] = ()) -> tuple[RunConfig, dict[str, Any]]:
@@ -173,5 +180,7 @@ def build_run_config(dcfg: DictConfig, overrides: Sequence[str] = ()) -> tuple[R
     cfg: RunConfig = OmegaConf.to_object(dcfg)
     cfg.results_dir, cfg.resume = user_path(cfg.results_dir), user_path(cfg.resume)
     cfg.policy.path, cfg.policy.tokenizer = user_path(cfg.policy.path), user_path(cfg.policy.tokenizer)
+    cfg.quant.save, cfg.quant.load = user_path(cfg.quant.save), user_path(cfg.quant.load)
     check_writable(Path(cfg.results_dir), "results_dir")
+    check_save_folder(cfg.quant.save)
     return cfg, OmegaConf.to_container(dcfg, resolve=True)

@@ -40,7 +40,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
-from libero_eval.configure import compose, register_schema
+from libero_eval.configure import check_save_folder, compose, register_schema
 from libero_eval.config import PolicyConfig, QuantRunConfig
 from libero_eval.errors import ConfigError, fail, one_line
 from libero_eval.quantize import CalibratingPolicy, dry_run_report, quantizing
@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         cfg = load_config(sys.argv[1:] if argv is None else argv)
+        check_save_folder(cfg.quant.save)
         policy = make_policy(**asdict(cfg.policy))
         if cfg.quant.dry_run:
             print(dry_run_report(policy, cfg.quant))

@@ -69,8 +69,12 @@ def test_a_saved_model_from_another_policy_weights_or_config_is_refused(tmp_path
 
 
 def test_cli_refuses_a_missing_saved_model_and_an_unsupported_backend_in_one_line(tmp_path):
+    (tmp_path / "a_file").write_text("taken")
     for overrides, reason in (([f"quant.load={tmp_path / 'none'}"], "no saved quantized model"),
-                              (["quant.act_scales=static", "quant.backend=int"], "backend=int cannot run W4A8")):  # fmt: skip
+                              (["quant.act_scales=static", "quant.backend=int"], "backend=int cannot run W4A8"),
+                              # refused before calibration, which a save that fails afterwards would waste
+                              ([f"quant.save={tmp_path / 'a_file' / 'q'}"], "a_file is a file"),
+                              (["quant.save=/proc/1/q"], "is not writable")):  # fmt: skip
         proc = cli("quant=w4a8", *overrides, f"results_dir={tmp_path / 'results'}")
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and reason in lines[0], proc.stderr
