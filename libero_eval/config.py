@@ -64,8 +64,8 @@ class QuantRunConfig(QuantConfig):
             raise ConfigError("quant.scope must be a non-empty preset name, got ''")
         if self.mode == "fp" and (self.w_bits, self.a_bits) != (OFF, OFF):
             # Otherwise the run is full precision while its results record the bits the user asked for.
-            raise ConfigError(f"quant.mode=fp quantizes nothing, yet asks for W{self.w_bits}A{self.a_bits}: choose a "
-                              "quantized mode (e.g. quant=w4a8 or quant=rtn_w4a8) or leave w_bits and a_bits at 16")  # fmt: skip
+            raise ConfigError(f"quant.mode=fp quantizes nothing, yet asks for W{self.w_bits}A{self.a_bits}: choose "
+                              "a quantized mode (e.g. quant=w4a8 or quant=rtn_w4a8) or leave w_bits and a_bits at 16")
         if self.mode == "fp" and (self.load or self.save):
             raise ConfigError("quant.load and quant.save need a quantized mode; quant=fp has nothing to load or save")
         if self.load and self.save:

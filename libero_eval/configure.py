@@ -78,7 +78,8 @@ def check_overrides(argv: Sequence[str]) -> None:
     flags = [arg for arg in argv if arg.startswith("-")]
     if any(flag not in ("-m", "--multirun") for flag in flags):
         return  # another config file or a Hydra command (--cfg, --help, ...): nothing to pre-compose
-    overrides = [arg for arg in argv if not arg.startswith("-") and not arg.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    hydras = ("hydra.", "hydra/")
+    overrides = [arg for arg in argv if not arg.startswith("-") and not arg.lstrip("+~").startswith(hydras)]
     if not flags:
         compose(overrides)
         return
@@ -95,7 +96,8 @@ def check_overrides(argv: Sequence[str]) -> None:
 def _composition_error(exc: BaseException) -> str:
     line = one_line(exc)
     if getattr(exc, "override", None):  # Hydra's parser names neither the override nor its grammar in one line
-        return f"cannot parse the override {exc.override!r}: {line} (grammar: https://hydra.cc/docs/advanced/override_grammar/basic)"
+        grammar = "https://hydra.cc/docs/advanced/override_grammar/basic"
+        return f"cannot parse the override {exc.override!r}: {line} (grammar: {grammar})"
     if line.startswith("Ambiguous value"):  # Hydra's hint, in one line
         return f"{line}: sweep it with -m, write a list as key=[a,b] or quote a string as key=\\'a,b\\'"
     options = getattr(exc, "options", None)  # a group option that does not exist: say which do

@@ -317,7 +317,8 @@ def _verify_weights(policy: torch.nn.Module, path: Path) -> None:
                 ("was not loaded into the model: it differs in", differ))  # fmt: skip
     for problem, keys in problems:
         if keys:
-            raise LeRobotCheckpointError(f"{path}/model.safetensors {problem} {listed_names(f'{len(keys)} tensors', keys)}")
+            listed = listed_names(f"{len(keys)} tensors", keys)
+            raise LeRobotCheckpointError(f"{path}/model.safetensors {problem} {listed}")
 
 
 def _loaded_as(policy: torch.nn.Module, key: str, shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
