@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         bits = [f"{k}={v}" for k, v in (("w_bits", args.w_bits), ("a_bits", args.a_bits)) if v is not None]
         cfg = quant_config(args.preset, [*args.settings, *bits])
-    except (ValueError, HydraException, OmegaConfBaseException) as exc:
+    except (ValueError, OmegaConfBaseException) as exc:  # compose's errors are one-line ConfigErrors (ValueError)
         fail(one_line(exc))
     torch.set_num_threads(args.threads)
     setting = QUICK if args.quick else FULL
